@@ -1,0 +1,60 @@
+"""Base class of all SDPoint architectures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdpoint_jax.instance import DEFAULT_RATIOS, Instance, InstanceSpace
+from sdpoint_jax.models.layers import GlobalAvgPool, classifier
+from sdpoint_jax.points import SDPointContext
+
+
+class SDPointModel(nn.Module, kw_only=True):
+    """An image classifier with SDPoint downsampling points ``1..num_points``.
+
+    Call as ``model.apply(variables, images, instance=Instance(...), train=bool,
+    mutable=...)`` with ``images`` ``(B, H, W, 3)``; returns float32 logits
+    ``(B, num_classes)``. ``instance`` must be static under ``jit`` (each instance is
+    its own XLA program). ``init`` creates the batch-norm statistics of every instance.
+
+    Attributes:
+      num_classes: classifier outputs.
+      ratios: SDPoint downsampling ratios ``R``.
+      bn_mode: ``"instance"`` (per-instance BN statistics) or ``"uniform"`` (UBN).
+      bn_axis_name: mapped axis to average BN batch statistics over (``shard_map``).
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    """
+
+    num_classes: int = 10
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    bn_mode: str = "instance"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @property
+    def num_points(self) -> int:
+        """``N``: the number of SDPoint downsampling points."""
+        raise NotImplementedError
+
+    @property
+    def space(self) -> InstanceSpace:
+        return InstanceSpace(self.num_points, self.ratios)
+
+    def context(self, instance: Instance, train: bool) -> SDPointContext:
+        return SDPointContext(
+            instance=instance,
+            space=self.space,
+            train=train,
+            bn_mode=self.bn_mode,
+            bn_axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+        )
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Global average pool (any spatial size) and linear classifier."""
+        x = GlobalAvgPool()(x)
+        return classifier(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,51 @@
+"""ResNet (He et al., 2016), post-activation, ImageNet; ResNeXt is in ``resnext.py``.
+
+The SDPoint point of a block sits after the residual addition and **before** the
+block's final ReLU, as in the authors' released code.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from sdpoint_jax.models.layers import Add, Relu, conv
+from sdpoint_jax.models.residual import ResidualNet, Shortcut, block_convs
+from sdpoint_jax.points import SDPointContext
+
+
+class PostActBlock(nn.Module):
+    """(conv-BN-ReLU)* conv-BN, plus shortcut; then the point, then ReLU."""
+
+    planes: int
+    stride: int
+    index: int
+    ctx: SDPointContext
+    groups: int = 1
+    width_per_group: int = 64
+    bottleneck: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ctx = self.ctx
+        out, convs = block_convs(
+            self.planes, self.stride, self.groups, self.width_per_group, self.bottleneck
+        )
+        y = x
+        for number, (features, kernel, stride, groups) in enumerate(convs, start=1):
+            if number > 1:
+                y = Relu()(y)
+            y = conv(
+                features, kernel, stride, groups=groups, dtype=ctx.dtype, name=f"conv{number}"
+            )(y)
+            y = ctx.norm(self.index, name=f"bn{number}")(y)
+        shortcut = Shortcut(out, self.stride, self.index, ctx, name="shortcut")(x)
+        y = ctx.point(Add()(y, shortcut), self.index)
+        return Relu()(y)
+
+
+class ResNet(ResidualNet, kw_only=True):
+    """ResNet-``depth`` (18/34/50/101/152/200); grouped (ResNeXt) with ``groups > 1``."""
+
+    block = PostActBlock
+    head_norm = False

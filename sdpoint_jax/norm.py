@@ -1,0 +1,143 @@
+"""Batch normalisation with running statistics kept per SDPoint instance.
+
+SDPoint instances see feature maps of different sizes, so their batch statistics
+differ (paper Sect. 5.1). :class:`KeyedBatchNorm` keeps one ``{mean, var}`` pair per
+*key* in the ``batch_stats`` collection::
+
+    batch_stats/<layer path>/<key>/{mean, var}      # key: "full" or e.g. "p3_r0p5"
+
+Which keys a layer needs follows from where it sits (:func:`layer_keys`). ``scale`` and
+``bias`` are ordinary parameters shared by every instance: every instance uses all
+parameters.
+
+Numerics follow PyTorch's ``BatchNorm2d`` (the authors' framework): training
+normalises with the biased batch variance and updates the running variance with the
+unbiased one; ``momentum=0.9`` here equals PyTorch's ``momentum=0.1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdpoint_jax.instance import FULL_KEY, Instance
+
+BN_MODES = ("instance", "uniform")
+
+
+def layer_keys(block: int, ratios: Sequence[float], bn_mode: str) -> tuple[str, ...]:
+    """Every statistics key a BN layer in ``block`` can need, ``"full"`` first.
+
+    A layer in block ``b`` (the building block that ends at point ``b``; layers after
+    the last point have ``b = N + 1``) sees a full-size input under instance ``(p, r)``
+    when ``p = 0`` or ``b <= p``; only instances with ``1 <= p < b`` change its input.
+    ``bn_mode="uniform"`` (the paper's UBN baseline) keeps one key for all instances.
+    """
+    check_bn_mode(bn_mode)
+    if bn_mode == "uniform":
+        return (FULL_KEY,)
+    return (FULL_KEY,) + tuple(
+        Instance(point, ratio).key for point in range(1, block) for ratio in ratios
+    )
+
+
+def active_key(block: int, instance: Instance, bn_mode: str) -> str:
+    """The key a BN layer in ``block`` reads and updates under ``instance``."""
+    check_bn_mode(bn_mode)
+    if bn_mode == "uniform" or instance.is_full or block <= instance.point:
+        return FULL_KEY
+    return instance.key
+
+
+def check_bn_mode(bn_mode: str) -> None:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+
+
+def _initial_stats(features: int) -> dict[str, jax.Array]:
+    return {
+        "mean": jnp.zeros((features,), jnp.float32),
+        "var": jnp.ones((features,), jnp.float32),
+    }
+
+
+class KeyedBatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, with per-key running statistics.
+
+    Attributes:
+      keys: every statistics key this layer owns; all are created by ``init`` so that
+        ``apply(..., mutable=False)`` works for any instance.
+      key: the key used by this call (must be in ``keys``).
+      use_running_average: normalise with the stored statistics of ``key`` (eval);
+        otherwise with batch statistics, updating ``key``'s running statistics.
+      momentum: running = momentum * running + (1 - momentum) * batch statistic.
+      epsilon: added to the variance.
+      axis_name: if set, batch statistics are averaged over this mapped axis
+        (``shard_map``/``pmap``); under ``jit`` with a sharded batch this is not
+        needed, since the means are already global.
+      dtype: output dtype; statistics are always computed in float32.
+
+    Input ``(..., C)``; output has the same shape.
+    """
+
+    keys: tuple[str, ...]
+    key: str
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.key not in self.keys:
+            raise ValueError(f"statistics key {self.key!r} is not among {self.keys}")
+        features = x.shape[-1]
+        # init creates every key; apply only touches the one in use.
+        keys = self.keys if self.is_initializing() else (self.key,)
+        owned = {key: self.variable("batch_stats", key, _initial_stats, features) for key in keys}
+        stats = owned[self.key]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+
+        if self.use_running_average:
+            mean, var = stats.value["mean"], stats.value["var"]
+        else:
+            mean, var, count = batch_moments(x, self.axis_name)
+            if not self.is_initializing():
+                unbiased = var * (count / max(count - 1, 1))
+                old = stats.value
+                stats.value = {
+                    "mean": self.momentum * old["mean"] + (1.0 - self.momentum) * mean,
+                    "var": self.momentum * old["var"] + (1.0 - self.momentum) * unbiased,
+                }
+        multiplier = scale * lax.rsqrt(var + self.epsilon)
+        offset = bias - mean * multiplier
+        dtype = self.dtype or x.dtype
+        return (x * multiplier.astype(dtype) + offset.astype(dtype)).astype(dtype)
+
+
+def batch_moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array, int]:
+    """Per-channel mean and biased variance of ``x`` over all axes but the last.
+
+    Two-pass (mean, then mean squared deviation) in float32. Returns the number of
+    elements each statistic averages over, summed across ``axis_name`` if given.
+    """
+    reduce_axes = tuple(range(x.ndim - 1))
+    x = x.astype(jnp.float32)
+    count = 1
+    for axis in reduce_axes:
+        count *= x.shape[axis]
+    mean = jnp.mean(x, reduce_axes)
+    if axis_name is not None:
+        mean = lax.pmean(mean, axis_name)
+    var = jnp.mean(jnp.square(x - mean), reduce_axes)
+    if axis_name is not None:
+        var = lax.pmean(var, axis_name)
+        count *= lax.axis_size(axis_name)
+    return mean, var, count

@@ -1,0 +1,85 @@
+"""The one hook every architecture calls: SDPoint downsampling points and BN keying.
+
+Architectures number their downsampling points ``1..N`` in forward order and call
+
+* ``ctx.point(x, index)`` right after building block ``index``: the identity unless
+  ``index`` is the instance's point, in which case the map is average-pooled to
+  ``round(r * H) x round(r * W)`` with adaptive bins (paper Eq. 1);
+* ``ctx.point(x, index, replaces=fixed_pool)`` where the point *replaces* a fixed
+  downsampling layer (the ImageNet stem's 3x3/2 max pool): when active, the fixed
+  layer is replaced by adaptive pooling of the same kind to
+  ``round(r * size the fixed layer would produce)``, as in the authors' code;
+* ``ctx.norm(block)`` for every batch-norm layer, ``block`` being the index of the
+  point that ends the layer's building block (``N + 1`` after the last point).
+
+Architectures never see how pooling or statistics keying work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.models.layers import AdaptivePool, Pool
+from sdpoint_jax.norm import KeyedBatchNorm, active_key, check_bn_mode, layer_keys
+from sdpoint_jax.pooling import downsampled_hw
+
+
+@dataclasses.dataclass(frozen=True)
+class SDPointContext:
+    """Static description of one forward pass (hashable; part of the jit cache key).
+
+    Attributes:
+      instance: the SDPoint instance to run (validated against ``space``).
+      space: the model's instance space (points ``1..N``, ratios).
+      train: batch statistics (and running-statistics updates) if True.
+      bn_mode: ``"instance"`` (per-instance statistics) or ``"uniform"`` (UBN).
+      bn_axis_name: optional mapped axis to average batch statistics over.
+      dtype: compute dtype of the normalised activations.
+    """
+
+    instance: Instance
+    space: InstanceSpace
+    train: bool
+    bn_mode: str = "instance"
+    bn_axis_name: str | None = None
+    dtype: Any = None
+
+    def __post_init__(self) -> None:
+        self.space.validate(self.instance)
+        check_bn_mode(self.bn_mode)
+
+    def norm(self, block: int, *, name: str | None = None) -> KeyedBatchNorm:
+        """A batch-norm layer for building block ``block`` (``1..N+1``)."""
+        self._check_index(block, upper=self.space.num_points + 1)
+        return KeyedBatchNorm(
+            keys=layer_keys(block, self.space.ratios, self.bn_mode),
+            key=active_key(block, self.instance, self.bn_mode),
+            use_running_average=not self.train,
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def point(self, x: jax.Array, index: int, *, replaces: Pool | None = None) -> jax.Array:
+        """Downsampling point ``index`` applied to ``x`` ``(N, H, W, C)``."""
+        self._check_index(index, upper=self.space.num_points)
+        if index != self.instance.point:
+            return x if replaces is None else replaces(x)
+        size = x.shape[1:3] if replaces is None else replaces.output_hw(x.shape[1:3])
+        out_hw = downsampled_hw(size, self.instance.ratio)
+        if min(out_hw) < 1:
+            raise ValueError(
+                f"instance {self.instance} pools the {size[0]}x{size[1]} map at point "
+                f"{index} to {out_hw[0]}x{out_hw[1]}: no pixels left; use a ratio > "
+                f"{0.5 / min(size):.3g} or a larger input"
+            )
+        kind = "avg" if replaces is None else replaces.kind
+        return AdaptivePool(kind, out_hw)(x)
+
+    def _check_index(self, index: int, *, upper: int) -> None:
+        if not 1 <= index <= upper:
+            raise ValueError(f"point/block index {index} outside 1..{upper}")
