@@ -6,7 +6,10 @@ differ (paper Sect. 5.1). :class:`KeyedBatchNorm` keeps one ``{mean, var}`` pair
 
     batch_stats/<layer path>/<key>/{mean, var}      # key: "full" or e.g. "p3_r0p5"
 
-Which keys a layer needs follows from where it sits (:func:`layer_keys`). ``scale`` and
+Which keys a layer needs follows from where it sits (:func:`layer_keys`). Every
+layer also keeps a ``"uniform"`` key that every training step updates, whatever the
+instance: the statistics "averaged from many training iterations" of the paper's UBN
+baseline, so one SDPoint run can be evaluated both ways. ``scale`` and
 ``bias`` are ordinary parameters shared by every instance: every instance uses all
 parameters.
 
@@ -28,28 +31,33 @@ from jax import lax
 from sdpoint_jax.instance import FULL_KEY, Instance
 
 BN_MODES = ("instance", "uniform")
+UNIFORM_KEY = "uniform"
 
 
 def layer_keys(block: int, ratios: Sequence[float], bn_mode: str) -> tuple[str, ...]:
-    """Every statistics key a BN layer in ``block`` can need, ``"full"`` first.
+    """Every statistics key a BN layer in ``block`` can need.
 
     A layer in block ``b`` (the building block that ends at point ``b``; layers after
     the last point have ``b = N + 1``) sees a full-size input under instance ``(p, r)``
     when ``p = 0`` or ``b <= p``; only instances with ``1 <= p < b`` change its input.
-    ``bn_mode="uniform"`` (the paper's UBN baseline) keeps one key for all instances.
+    So it owns ``"full"``, one key per instance with ``1 <= p < b``, and
+    ``"uniform"``. ``bn_mode="uniform"`` (the UBN baseline) owns ``"uniform"`` only.
     """
     check_bn_mode(bn_mode)
     if bn_mode == "uniform":
-        return (FULL_KEY,)
-    return (FULL_KEY,) + tuple(
+        return (UNIFORM_KEY,)
+    instance_keys = tuple(
         Instance(point, ratio).key for point in range(1, block) for ratio in ratios
     )
+    return (FULL_KEY, *instance_keys, UNIFORM_KEY)
 
 
 def active_key(block: int, instance: Instance, bn_mode: str) -> str:
     """The key a BN layer in ``block`` reads and updates under ``instance``."""
     check_bn_mode(bn_mode)
-    if bn_mode == "uniform" or instance.is_full or block <= instance.point:
+    if bn_mode == "uniform":
+        return UNIFORM_KEY
+    if instance.is_full or block <= instance.point:
         return FULL_KEY
     return instance.key
 
@@ -74,7 +82,8 @@ class KeyedBatchNorm(nn.Module):
         ``apply(..., mutable=False)`` works for any instance.
       key: the key used by this call (must be in ``keys``).
       use_running_average: normalise with the stored statistics of ``key`` (eval);
-        otherwise with batch statistics, updating ``key``'s running statistics.
+        otherwise with batch statistics, updating the running statistics of ``key``
+        and of ``"uniform"`` (if owned).
       momentum: running = momentum * running + (1 - momentum) * batch statistic.
       epsilon: added to the variance.
       axis_name: if set, batch statistics are averaged over this mapped axis
@@ -98,24 +107,29 @@ class KeyedBatchNorm(nn.Module):
         if self.key not in self.keys:
             raise ValueError(f"statistics key {self.key!r} is not among {self.keys}")
         features = x.shape[-1]
-        # init creates every key; apply only touches the one in use.
-        keys = self.keys if self.is_initializing() else (self.key,)
+        # init creates every key; apply only touches the ones it reads or updates.
+        if self.is_initializing():
+            keys = self.keys
+        elif self.use_running_average:
+            keys = (self.key,)
+        else:
+            keys = tuple(dict.fromkeys(k for k in (self.key, UNIFORM_KEY) if k in self.keys))
         owned = {key: self.variable("batch_stats", key, _initial_stats, features) for key in keys}
-        stats = owned[self.key]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
         if self.use_running_average:
-            mean, var = stats.value["mean"], stats.value["var"]
+            mean, var = owned[self.key].value["mean"], owned[self.key].value["var"]
         else:
             mean, var, count = batch_moments(x, self.axis_name)
             if not self.is_initializing():
-                unbiased = var * (count / max(count - 1, 1))
-                old = stats.value
-                stats.value = {
-                    "mean": self.momentum * old["mean"] + (1.0 - self.momentum) * mean,
-                    "var": self.momentum * old["var"] + (1.0 - self.momentum) * unbiased,
-                }
+                batch = {"mean": mean, "var": var * (count / max(count - 1, 1))}
+                for key in keys:
+                    owned[key].value = jax.tree.map(
+                        lambda old, new: self.momentum * old + (1.0 - self.momentum) * new,
+                        owned[key].value,
+                        batch,
+                    )
         multiplier = scale * lax.rsqrt(var + self.epsilon)
         offset = bias - mean * multiplier
         dtype = self.dtype or x.dtype

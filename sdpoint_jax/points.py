@@ -38,6 +38,7 @@ class SDPointContext:
       train: batch statistics (and running-statistics updates) if True.
       bn_mode: ``"instance"`` (per-instance statistics) or ``"uniform"`` (UBN).
       bn_axis_name: optional mapped axis to average batch statistics over.
+      bn_momentum: running-statistics momentum (0 stores the last batch's moments).
       dtype: compute dtype of the normalised activations.
     """
 
@@ -46,6 +47,7 @@ class SDPointContext:
     train: bool
     bn_mode: str = "instance"
     bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
     dtype: Any = None
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class SDPointContext:
             key=active_key(block, self.instance, self.bn_mode),
             use_running_average=not self.train,
             axis_name=self.bn_axis_name,
+            momentum=self.bn_momentum,
             dtype=self.dtype,
             name=name,
         )

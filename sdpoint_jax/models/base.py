@@ -26,6 +26,7 @@ class SDPointModel(nn.Module, kw_only=True):
       ratios: SDPoint downsampling ratios ``R``.
       bn_mode: ``"instance"`` (per-instance BN statistics) or ``"uniform"`` (UBN).
       bn_axis_name: mapped axis to average BN batch statistics over (``shard_map``).
+      bn_momentum: BN running-statistics momentum (0.9 = PyTorch's 0.1).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
 
@@ -33,6 +34,7 @@ class SDPointModel(nn.Module, kw_only=True):
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     bn_mode: str = "instance"
     bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
     dtype: Any = jnp.float32
 
     @property
@@ -51,6 +53,7 @@ class SDPointModel(nn.Module, kw_only=True):
             train=train,
             bn_mode=self.bn_mode,
             bn_axis_name=self.bn_axis_name,
+            bn_momentum=self.bn_momentum,
             dtype=self.dtype,
         )
 
