@@ -121,7 +121,9 @@ class KeyedBatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = owned[self.key].value["mean"], owned[self.key].value["var"]
         else:
-            mean, var, count = batch_moments(x, self.axis_name)
+            # init may run outside the mapped axis (as in flax's BatchNorm)
+            axis_name = None if self.is_initializing() else self.axis_name
+            mean, var, count = batch_moments(x, axis_name)
             if not self.is_initializing():
                 batch = {"mean": mean, "var": var * (count / max(count - 1, 1))}
                 for key in keys:
