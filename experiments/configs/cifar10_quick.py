@@ -1,0 +1,17 @@
+"""A CPU-sized SDPoint run on CIFAR-10: WRN-16-1, 2 epochs (about 15 minutes on 2 cores).
+
+`--config=THIS_FILE:baseline` trains the same network without SDPoint.
+"""
+
+from sdpoint_jax.config import cifar_config
+
+
+def get_config(variant=None):
+    config = cifar_config("wrn-16-1", "cifar10", variant=variant)
+    config.num_epochs = 2
+    config.lr_drop_epochs = (1.0, 1.5)
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 200
+    config.precompile = True
+    config.compile_workers = 2
+    return config

@@ -1,0 +1,10 @@
+"""wrn-40-4 on CIFAR-100 (paper Table 1 / Fig. 2).
+
+`--config=THIS_FILE:baseline` trains without SDPoint.
+"""
+
+from sdpoint_jax.config import cifar_config
+
+
+def get_config(variant=None):
+    return cifar_config("wrn-40-4", "cifar100", variant=variant)

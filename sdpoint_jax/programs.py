@@ -1,0 +1,82 @@
+"""One compiled XLA program per SDPoint instance, compiled lazily or all up front.
+
+Each instance changes feature-map shapes, so each is its own XLA program. Programs
+are compiled ahead of time (``jit(...).lower(...).compile()``) from abstract
+arguments, so compiling does not need real data, several can compile in parallel
+threads (XLA compiles outside the GIL), and JAX's persistent compilation cache lets a
+second run skip compilation altogether.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from sdpoint_jax.instance import Instance
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdpoint_jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache in ``directory`` (default
+    ``~/.cache/sdpoint_jax/xla``), caching every program however fast it compiled."""
+    path = Path(directory) if directory else DEFAULT_CACHE_DIR / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class InstancePrograms:
+    """Compiled ``build(instance)`` programs for abstract ``example_args``.
+
+    Args:
+      build: returns the ``jax.jit``-wrapped function of one instance (with its
+        shardings and donation).
+      example_args: ``jax.ShapeDtypeStruct`` pytrees (with shardings) of the arguments.
+      name: used in progress output.
+    """
+
+    def __init__(self, build: Callable[[Instance], Any], example_args: tuple, name: str):
+        self._build = build
+        self._example_args = example_args
+        self._name = name
+        self._compiled: dict[Instance, Any] = {}
+        self._lock = threading.Lock()
+
+    def _compile(self, instance: Instance) -> Any:
+        return self._build(instance).lower(*self._example_args).compile()
+
+    def __getitem__(self, instance: Instance) -> Any:
+        compiled = self._compiled.get(instance)
+        if compiled is None:
+            compiled = self._compile(instance)
+            with self._lock:
+                self._compiled.setdefault(instance, compiled)
+        return self._compiled[instance]
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def precompile(self, instances: Iterable[Instance], *, workers: int = 4) -> None:
+        """Compiles every instance not compiled yet, ``workers`` at a time."""
+        todo = [inst for inst in dict.fromkeys(instances) if inst not in self._compiled]
+        if not todo:
+            return
+        with (
+            concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
+            tqdm(total=len(todo), desc=f"compiling {self._name}", unit="program") as bar,
+        ):
+            futures = {pool.submit(self._compile, inst): inst for inst in todo}
+            for future in concurrent.futures.as_completed(futures):
+                with self._lock:
+                    self._compiled.setdefault(futures[future], future.result())
+                bar.update()

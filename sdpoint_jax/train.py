@@ -1,0 +1,412 @@
+"""Training with SDPoint (Algorithm 1 of the paper), data-parallel and resumable.
+
+Every step draws one instance ``(p, r)`` on the host from a generator seeded by
+``(seed, step)`` (so a resumed run draws the same sequence) and runs the train step
+compiled for that instance. ``config.sdpoint = False`` trains the plain network with
+the same code (every step is the full instance).
+
+Optimisation follows the papers: SGD with Nesterov momentum 0.9 and L2 weight decay
+on every parameter (added to the gradient, as PyTorch's ``weight_decay``), and a
+step learning-rate schedule (``lr_drop_epochs``, each a ``lr_decay`` factor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from sdpoint_jax import data, parallel
+from sdpoint_jax.checkpoint import CheckpointError, CheckpointManager, PreemptionFlag
+from sdpoint_jax.evaluate import evaluate_instances
+from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.models import SDPointModel, create
+from sdpoint_jax.programs import InstancePrograms
+
+# Config entries that must not change when a run is resumed.
+RESUME_INVARIANTS = (
+    "dataset",
+    "model",
+    "sdpoint",
+    "ratios",
+    "bn_mode",
+    "batch_size",
+    "num_epochs",
+    "learning_rate",
+    "lr_drop_epochs",
+    "lr_decay",
+    "momentum",
+    "weight_decay",
+    "seed",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes (replicated over the mesh)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
+    spec = data.dataset_spec(config.dataset)
+    return create(
+        config.model,
+        num_classes=spec.num_classes,
+        ratios=tuple(config.ratios),
+        bn_mode=config.bn_mode,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """Constant ``learning_rate``, multiplied by ``lr_decay`` at each drop epoch."""
+    drops = {round(epoch * steps_per_epoch): config.lr_decay for epoch in config.lr_drop_epochs}
+    return optax.piecewise_constant_schedule(config.learning_rate, drops)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(
+            learning_rate_schedule(config, steps_per_epoch),
+            momentum=config.momentum,
+            nesterov=True,
+        ),
+    )
+
+
+def initial_state(
+    model: SDPointModel, tx: optax.GradientTransformation, image_size: int, seed: int
+) -> TrainState:
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init(jax.random.key(seed), images, instance=Instance.full(), train=False)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: SDPointModel,
+    tx: optax.GradientTransformation,
+    instance: Instance,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step of ``instance`` on ``batch`` (images ``(B, H, W, 3)``, int labels)."""
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            instance=instance,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def draw_instance(space: InstanceSpace, seed: int, step: int, sdpoint: bool) -> Instance:
+    """The instance of training step ``step``: a pure function of ``(seed, step)``."""
+    if not sdpoint:
+        return Instance.full()
+    return space.sample(np.random.default_rng([seed, step]))
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def train_programs(
+    model: SDPointModel,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    mesh: Mesh,
+    batch_size: int,
+    image_size: int,
+) -> InstancePrograms:
+    """Train-step programs for every instance: state replicated (and donated), batch
+    sharded on the mesh's data axis."""
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def build(instance: Instance):
+        step = functools.partial(train_step, model=model, tx=tx, instance=instance)
+        return jax.jit(
+            step,
+            in_shardings=(replicated, batch_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+
+    batch = {
+        "image": jax.ShapeDtypeStruct(
+            (batch_size, image_size, image_size, 3), jnp.float32, sharding=batch_sharding
+        ),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
+    }
+    return InstancePrograms(build, (abstract_like(state, replicated), batch), "train steps")
+
+
+@dataclasses.dataclass
+class Run:
+    """What every subcommand needs: config, model, mesh, optimizer, checkpoints."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    model: SDPointModel
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
+        mesh = parallel.create_mesh()
+        parallel.check_batch_size(config.batch_size, mesh)
+        steps = data.steps_per_epoch(config.dataset, config.batch_size, config.data_dir)
+        model = create_model(config)
+        return cls(config, Path(workdir), model, mesh, create_optimizer(config, steps), steps)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.config.num_epochs * self.steps_per_epoch)
+
+    @property
+    def image_size(self) -> int:
+        return data.dataset_spec(self.config.dataset).image_size
+
+    def checkpoints(self, subdir: str = "checkpoints", **kwargs: Any) -> CheckpointManager:
+        return CheckpointManager(self.workdir / subdir, **kwargs)
+
+    def initial_state(self) -> TrainState:
+        state = initial_state(self.model, self.tx, self.image_size, self.config.seed)
+        return parallel.replicate(state, self.mesh)
+
+    def restore(self, subdir: str = "checkpoints") -> tuple[TrainState, dict]:
+        """The latest checkpoint in ``workdir/subdir``, checked against this config."""
+        with self.checkpoints(subdir) as manager:
+            checkpoint, saved_config, _ = manager.restore(self.checkpoint_template())
+        changed = [
+            key
+            for key in RESUME_INVARIANTS
+            if _jsonable(saved_config.get(key)) != _jsonable(self.config.get(key))
+        ]
+        if changed:
+            details = ", ".join(
+                f"{k}: {saved_config.get(k)!r} -> {self.config.get(k)!r}" for k in changed
+            )
+            raise CheckpointError(
+                f"the checkpoint in {self.workdir / subdir} was written with a different "
+                f"config ({details}); use a new --workdir or the original config"
+            )
+        return checkpoint["state"], checkpoint["draws"]
+
+    def checkpoint_template(self) -> dict[str, Any]:
+        return {"state": self.initial_state(), "draws": {str(i): 0 for i in self.model.space}}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
+    """Trains ``config`` in ``workdir`` (checkpoints in ``workdir/checkpoints``).
+
+    With ``resume`` the latest checkpoint is restored and training continues exactly
+    as an uninterrupted run would; without it, an existing checkpoint is an error
+    (nothing trained is ever overwritten). SIGTERM saves a checkpoint and returns.
+    """
+    run = Run.create(config, workdir)
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    state, draws = _start_state(run, resume)
+    start = int(state.step)
+    end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
+    programs = train_programs(run.model, run.tx, state, run.mesh, config.batch_size, run.image_size)
+    if config.precompile:
+        programs.precompile(
+            run.model.space if config.sdpoint else [Instance.full()],
+            workers=config.compile_workers,
+        )
+    eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
+    batches = data.train_batches(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+        data_dir=config.data_dir,
+    )
+    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
+    draws = Counter(draws)
+    with (
+        run.checkpoints(
+            keep_last=config.keep_checkpoints, keep_best=1, best_metric="top1_accuracy"
+        ) as manager,
+        PreemptionFlag() as preempted,
+    ):
+        save = functools.partial(_save, manager, config)
+        bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not logger.main)
+        schedule = learning_rate_schedule(config, run.steps_per_epoch)
+        last_log = (start, time.perf_counter())
+        for step, batch in zip(range(start, end), _sharded(batches, run.mesh), strict=False):
+            instance = draw_instance(run.model.space, config.seed, step, config.sdpoint)
+            draws[str(instance)] += 1
+            state, metrics = programs[instance](state, batch)
+            if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
+                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+                now = time.perf_counter()
+                images_per_sec = (step + 1 - last_log[0]) * config.batch_size / (now - last_log[1])
+                last_log = (step + 1, now)
+                logger.write(
+                    step + 1,
+                    {
+                        **metrics,
+                        "learning_rate": float(schedule(step)),
+                        "images_per_sec": images_per_sec,
+                    },
+                    instance,
+                )
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    acc=f"{metrics['accuracy']:.3f}",
+                    img_s=f"{images_per_sec:.0f}",
+                    instance=str(instance),
+                )
+            bar.update()
+            evaluated = (step + 1) % eval_every == 0 or step + 1 == run.total_steps
+            if evaluated:
+                top1 = _full_accuracy(run, state)
+                logger.write(step + 1, {"eval_top1_accuracy": top1}, None)
+                save(step + 1, state, draws, {"top1_accuracy": top1})
+            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end:
+                save(step + 1, state, draws, None)
+            if evaluated:
+                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
+            if preempted():
+                save(step + 1, state, draws, None)
+                logger.note(f"SIGTERM: saved step {step + 1} and stopped")
+                break
+        bar.close()
+    logger.note("instance draws: " + json.dumps(dict(sorted(draws.items()))))
+    logger.close()
+    return state
+
+
+def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
+    with run.checkpoints() as manager:
+        latest = manager.latest_step()
+    if latest is None:
+        if resume:
+            print(f"--resume: no checkpoint in {run.workdir / 'checkpoints'}; starting fresh")
+        return run.initial_state(), {str(i): 0 for i in run.model.space}
+    if not resume:
+        raise CheckpointError(
+            f"{run.workdir / 'checkpoints'} already holds a checkpoint (step {latest}); "
+            f"pass --resume to continue it, or choose a new --workdir"
+        )
+    return run.restore()
+
+
+def _save(manager, config, step, state, draws, metrics) -> None:
+    checkpoint = {"state": state, "draws": {k: int(v) for k, v in draws.items()}}
+    manager.save(step, checkpoint, config=config.to_dict(), metrics=metrics, force=True)
+
+
+def _sharded(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh) -> Iterator[dict]:
+    for batch in batches:
+        yield parallel.shard_batch(batch, mesh)
+
+
+def _full_accuracy(run: Run, state: TrainState) -> float:
+    """Top-1 accuracy (%) of the full instance on the eval split (instance BN)."""
+    batches = data.eval_batches(
+        run.config.dataset,
+        global_batch_size=run.config.eval_batch_size,
+        split=run.config.eval_split,
+        data_dir=run.config.data_dir,
+    )
+    (row,) = evaluate_instances(
+        run.model,
+        state.variables,
+        batches,
+        [Instance.full()],
+        input_hw=(run.image_size, run.image_size),
+        bn_modes=("instance",),
+        mesh=run.mesh,
+    )
+    return 100.0 - row["top1_error"]
+
+
+class _MetricsLogger:
+    """Metrics to ``train_log.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
+
+    def __init__(self, workdir: Path, main: bool):
+        self.main = main
+        self._jsonl = (workdir / "train_log.jsonl").open("a") if main else None
+        self._tb = None
+        if main:
+            import tensorflow as tf  # already loaded by the input pipeline
+
+            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], instance: Instance | None) -> None:
+        if not self.main:
+            return
+        row = {"step": step, **metrics}
+        if instance is not None:
+            row["instance"] = str(instance)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        import tensorflow as tf
+
+        with self._tb.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar(name, value)
+
+    def note(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.main:
+            self._jsonl.close()
+            self._tb.close()

@@ -1,0 +1,149 @@
+"""The steps after training: calibrate BN per instance, evaluate every instance, choose.
+
+Each step reads and writes the run directory::
+
+    WORKDIR/checkpoints/   training checkpoints (``train``)
+    WORKDIR/calibrated/    the latest checkpoint with calibrated BN statistics
+    WORKDIR/results.{csv,json}, WORKDIR/cost_error.png   (``evaluate``)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+from sdpoint_jax import data
+from sdpoint_jax.calibrate import calibrate
+from sdpoint_jax.evaluate import evaluate_instances, read_results, write_results
+from sdpoint_jax.instance import Instance
+from sdpoint_jax.plot import plot_cost_error
+from sdpoint_jax.select import select_instance
+from sdpoint_jax.train import Run, TrainState
+
+CALIBRATED = "calibrated"
+
+
+def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Recomputes every instance's BN statistics over ``config.calibration_batches``
+    fixed training batches (eval preprocessing) and saves them in ``calibrated/``."""
+    run = Run.create(config, workdir)
+    state, draws = run.restore()
+    step = int(state.step)
+    batches = data.calibration_batches(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        num_batches=config.calibration_batches,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+    print(
+        f"calibrating {len(run.model.space)} instances of step {step} on "
+        f"{config.calibration_batches} x {config.batch_size} training images"
+    )
+    variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
+    calibrated = state.replace(batch_stats=variables["batch_stats"])
+    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
+        if manager.latest_step() == step:  # derived data: replace an older calibration
+            manager.close()
+            shutil.rmtree(run.workdir / CALIBRATED / str(step))
+    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
+        manager.save(
+            step, {"state": calibrated, "draws": draws}, config=config.to_dict(), force=True
+        )
+    print(f"saved calibrated statistics to {run.workdir / CALIBRATED}")
+    return calibrated
+
+
+def _state_for_evaluation(run: Run) -> tuple[TrainState, str]:
+    """The calibrated state if it belongs to the latest training step, else the
+    training checkpoint (running-average statistics)."""
+    with run.checkpoints() as manager:
+        latest = manager.latest_step()
+    with run.checkpoints(CALIBRATED) as manager:
+        calibrated = manager.latest_step()
+    if calibrated is not None and calibrated == latest:
+        return run.restore(CALIBRATED)[0], "calibrated statistics"
+    if calibrated is not None:
+        print(f"calibration is of step {calibrated}, training is at {latest}: not using it")
+    return run.restore()[0], "running-average statistics (run `calibrate` to calibrate)"
+
+
+def evaluate_run(
+    config: ml_collections.ConfigDict, workdir: str | Path, instances: str = "all"
+) -> list[dict]:
+    """Top-1/top-5 error of every instance with instance BN and UBN; writes
+    ``results.csv``, ``results.json`` and ``cost_error.png``."""
+    run = Run.create(config, workdir)
+    state, source = _state_for_evaluation(run)
+    chosen = run.model.space.parse_list(instances)
+    bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
+    print(f"evaluating {len(chosen)} instances x {bn_modes} at step {int(state.step)}, {source}")
+    batches = data.eval_batches(
+        config.dataset,
+        global_batch_size=config.eval_batch_size,
+        split=config.eval_split,
+        data_dir=config.data_dir,
+    )
+    rows = evaluate_instances(
+        run.model,
+        state.variables,
+        batches,
+        chosen,
+        input_hw=(run.image_size, run.image_size),
+        bn_modes=bn_modes,
+        mesh=run.mesh,
+        progress=True,
+    )
+    write_results(rows, run.workdir)
+    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
+    plot_cost_error(rows, run.workdir / "cost_error.png", title=title)
+    print(format_results(rows))
+    print(f"wrote {run.workdir / 'results.csv'}, results.json and cost_error.png")
+    return rows
+
+
+def format_results(rows: list[dict]) -> str:
+    lines = [f"{'bn':>8} {'point':>5} {'ratio':>5} {'GFLOPs':>8} {'top-1 err':>9} {'top-5 err':>9}"]
+    for row in rows:
+        instance = Instance(row["point"], row["ratio"])
+        ratio = "-" if instance.is_full else f"{instance.ratio:g}"
+        lines.append(
+            f"{row['bn_mode']:>8} {row['point']:>5} {ratio:>5} {row['gflops']:>8.4f} "
+            f"{row['top1_error']:>9.2f} {row['top5_error']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def select_run(
+    workdir: str | Path,
+    *,
+    budget_gflops: float | None,
+    budget_ms: float | None,
+    latency_file: str | Path | None,
+    batch: int | None,
+) -> dict:
+    """Prints and returns the best measured instance within the budget."""
+    rows = read_results(workdir)
+    latency_rows = None
+    if budget_ms is not None:
+        path = Path(latency_file) if latency_file else Path(workdir) / "latency.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--budget-ms needs a latency table, and {path} does not exist (give one "
+                f"with --latency: JSON rows with point, ratio, batch, median_ms)"
+            )
+        latency_rows = json.loads(path.read_text())
+    bn_mode = "instance" if any(r["bn_mode"] == "instance" for r in rows) else "uniform"
+    row = select_instance(
+        rows,
+        budget_gflops=budget_gflops,
+        budget_ms=budget_ms,
+        latency_rows=latency_rows,
+        batch=batch,
+        bn_mode=bn_mode,
+    )
+    print(format_results([row]))
+    return row

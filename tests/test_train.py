@@ -1,0 +1,159 @@
+"""Training workflow on real CIFAR-10 (tiny model, a few steps): exact resume, errors,
+calibrate -> evaluate -> select, and data-parallel equivalence on 8 CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sdpoint_jax.checkpoint import CheckpointError
+from sdpoint_jax.config import cifar_config
+from sdpoint_jax.programs import enable_compilation_cache
+from sdpoint_jax.train import train
+from sdpoint_jax.workflow import calibrate_run, evaluate_run, select_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
+pytestmark = pytest.mark.skipif(
+    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 not prepared in {DATA_DIR}"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
+
+
+def tiny_config(max_steps: int):
+    config = cifar_config("wrn-10-1", "cifar10")
+    config.data_dir = str(DATA_DIR)
+    config.batch_size = 16
+    config.max_steps = max_steps
+    config.log_every_steps = 1
+    config.eval_every_epochs = 1000.0  # no evaluation inside these short runs
+    config.eval_split = "test[:48]"
+    config.eval_batch_size = 16
+    config.calibration_batches = 2
+    return config
+
+
+def losses(workdir: Path) -> list[tuple[int, float, str]]:
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["instance"]) for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    state = train(tiny_config(6), workdir, resume=False)
+    return workdir, state
+
+
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
+    reference_dir, reference_state = uninterrupted
+    train(tiny_config(3), tmp_path, resume=False)
+    state = train(tiny_config(6), tmp_path, resume=True)
+    assert losses(tmp_path) == losses(reference_dir)
+    assert len(losses(tmp_path)) == 6
+    assert len({instance for _, _, instance in losses(tmp_path)}) > 1  # instances drawn
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_existing_checkpoint_is_never_overwritten(uninterrupted):
+    workdir, _ = uninterrupted
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint.*--resume"):
+        train(tiny_config(6), workdir, resume=False)
+
+
+def test_resume_with_a_different_config_is_refused(uninterrupted):
+    workdir, _ = uninterrupted
+    config = tiny_config(8)
+    config.learning_rate = 0.05
+    with pytest.raises(CheckpointError, match=r"different config \(learning_rate: 0\.1 -> 0\.05\)"):
+        train(config, workdir, resume=True)
+
+
+def test_calibrate_evaluate_select(uninterrupted):
+    workdir, _ = uninterrupted
+    config = tiny_config(6)
+    calibrate_run(config, workdir)
+    assert (workdir / "calibrated").is_dir()
+    rows = evaluate_run(config, workdir)
+    assert len(rows) == 2 * 7  # 7 instances of wrn-10-1, instance BN and UBN
+    assert {r["bn_mode"] for r in rows} == {"instance", "uniform"}
+    assert all(r["examples"] == 48 for r in rows)
+    for name in ("results.csv", "results.json", "cost_error.png"):
+        assert (workdir / name).stat().st_size > 0
+    budget = sorted(r["gflops"] for r in rows)[3]
+    chosen = select_run(
+        workdir, budget_gflops=budget, budget_ms=None, latency_file=None, batch=None
+    )
+    assert chosen["gflops"] <= budget and chosen["bn_mode"] == "instance"
+    fitting = [r for r in rows if r["bn_mode"] == "instance" and r["gflops"] <= budget]
+    assert chosen["top1_error"] == min(r["top1_error"] for r in fitting)
+    with pytest.raises(ValueError, match="budget"):
+        select_run(workdir, budget_gflops=1e-6, budget_ms=None, latency_file=None, batch=None)
+
+
+EQUIVALENCE_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from sdpoint_jax import parallel
+    from sdpoint_jax.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.train import create_optimizer, initial_state, train_programs
+    from sdpoint_jax.config import cifar_config
+
+    assert len(jax.devices()) == 8, jax.devices()
+    model = create("wrn-10-1")
+    config = cifar_config("wrn-10-1", "cifar10")
+    config.learning_rate = 0.01  # at 0.1, random labels make 3 steps chaotic
+    tx = create_optimizer(config, steps_per_epoch=100)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+         "label": rng.integers(0, 10, 16).astype(np.int32)}
+        for _ in range(3)
+    ]
+    instances = [Instance.full(), Instance(2, 0.5), Instance(3, 0.75)]
+    states = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.create_mesh(devices)
+        state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
+        programs = train_programs(model, tx, state, mesh, 16, 32)
+        states.append([])
+        for batch, instance in zip(batches, instances):
+            state, _ = programs[instance](state, parallel.shard_batch(batch, mesh))
+            states[-1].append(jax.device_get(state))
+    # Every leaf after every step agrees in relative norm (float summation order only).
+    for one, eight in zip(*states):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+            a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+            assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-3)
+    print("EQUIVALENT", len(jax.tree.leaves(states[0][-1])))
+    """
+)
+
+
+def test_eight_devices_match_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", EQUIVALENCE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EQUIVALENT" in result.stdout
