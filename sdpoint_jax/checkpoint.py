@@ -42,7 +42,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the state it is restored into."""
 
 
-class CheckpointManager:
+class _Closing:
+    """Context-manager protocol for classes with a ``close()`` method."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CheckpointManager(_Closing):
     """Saves and restores training checkpoints in one directory.
 
     Saves are asynchronous: :meth:`save` returns once the arrays are copied off the
@@ -271,19 +289,8 @@ class CheckpointManager:
         finally:
             self._manager.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class PreemptionFlag:
+class PreemptionFlag(_Closing):
     """Turns ``SIGTERM`` into a flag for the training loop to poll.
 
     Installs its handler on construction; :meth:`close` (or leaving the ``with`` block)
@@ -317,17 +324,6 @@ class PreemptionFlag:
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGTERM, previous)
             self._installed = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:

@@ -42,8 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.precompile = False
     c.compile_workers = 4
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/sdpoint_jax/xla
-    # instance-specific BN calibration: K fixed training batches
+    # instance-specific BN calibration: K fixed training batches, augmented as in
+    # training (False: evaluation preprocessing)
     c.calibration_batches = 8
+    c.calibration_augment = True
     return c
 
 

@@ -199,6 +199,8 @@ def read_results(directory: str | Path) -> list[Row]:
     """The rows written by :func:`write_results` (from ``results.json``, typed)."""
     path = Path(directory) / RESULTS_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"no evaluation results at {path}: write them with write_results")
+        raise FileNotFoundError(
+            f"no evaluation results at {path}; run the evaluate command (or write_results) first"
+        )
     with open(path) as file:
         return json.load(file)

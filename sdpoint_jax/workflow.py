@@ -38,10 +38,12 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
         num_batches=config.calibration_batches,
         seed=config.seed,
         data_dir=config.data_dir,
+        augment=config.calibration_augment,
     )
     print(
         f"calibrating {len(run.model.space)} instances of step {step} on "
         f"{config.calibration_batches} x {config.batch_size} training images"
+        + (" (training augmentation)" if config.calibration_augment else "")
     )
     variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
     calibrated = state.replace(batch_stats=variables["batch_stats"])

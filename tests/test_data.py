@@ -264,10 +264,13 @@ def test_resumed_stream_equals_uninterrupted_stream(
     assert_same_batches(take(resumed, end_step - start_step), full[start_step:])
 
 
-def test_calibration_batches_are_fixed_unaugmented_training_examples(mocked: None) -> None:
+@pytest.mark.parametrize("augment", [True, False])
+def test_calibration_batches_are_fixed_distinct_training_examples(
+    mocked: None, augment: bool
+) -> None:
     def calibration(seed: int) -> list[dict[str, np.ndarray]]:
         return data.calibration_batches(
-            "cifar100", global_batch_size=BATCH, num_batches=3, seed=seed
+            "cifar100", global_batch_size=BATCH, num_batches=3, seed=seed, augment=augment
         )
 
     batches = calibration(5)
@@ -276,11 +279,17 @@ def test_calibration_batches_are_fixed_unaugmented_training_examples(mocked: Non
     assert not all(
         np.array_equal(a["label"], b["label"]) for a, b in zip(batches, calibration(6), strict=True)
     )
-    originals, _ = stored_examples("cifar100")
+    originals, labels = stored_examples("cifar100")
     images = np.round(unnormalise(np.concatenate([b["image"] for b in batches]), "cifar100"))
-    matches = [np.flatnonzero((originals == image).all(axis=(1, 2, 3))) for image in images]
-    assert all(m.size == 1 for m in matches)
-    assert len({int(m[0]) for m in matches}) == len(images)  # distinct examples
+    if augment:  # training transform: zero-padded crops, possibly flipped
+        found = [padded_crop_index(image.astype(np.uint8), originals) for image in images]
+    else:  # evaluation transform: the stored images themselves
+        matches = [np.flatnonzero((originals == image).all(axis=(1, 2, 3))) for image in images]
+        assert all(m.size == 1 for m in matches)
+        found = [int(m[0]) for m in matches]
+    assert None not in found
+    assert len(set(found)) == len(images)  # distinct examples
+    np.testing.assert_array_equal(labels[found], np.concatenate([b["label"] for b in batches]))
     with pytest.raises(ValueError, match="calibration batches"):
         data.calibration_batches("cifar100", global_batch_size=BATCH, num_batches=6, seed=0)
 

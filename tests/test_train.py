@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -157,3 +159,58 @@ def test_eight_devices_match_one_device():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EQUIVALENT" in result.stdout
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdpoint_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    overrides = [
+        f"--config.data_dir={DATA_DIR}",
+        "--config.model=wrn-10-1",
+        "--config.batch_size=16",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=100000",
+        f"--config.compile_cache_dir={tmp_path / 'cache'}",
+    ]
+    process = run_cli(
+        "train",
+        "--config=experiments/configs/cifar10_quick.py",
+        f"--workdir={tmp_path}",
+        *overrides,
+    )
+    log = tmp_path / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved step" in output
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2
+    assert f"saved step {saved[0]} and stopped" in output
+
+
+def test_cli_reports_usage_and_missing_results(tmp_path):
+    process = run_cli("evaluate", f"--workdir={tmp_path}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "needs --config" in output
+    process = run_cli("fly", f"--workdir={tmp_path}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "give one command out of train" in output
+    process = run_cli("select", f"--workdir={tmp_path}", "--budget-gflops=1")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"error: no evaluation results at {tmp_path}/results.json" in output

@@ -54,6 +54,25 @@ def block_convs(
     return out, ((width, 1, 1, 1), (width, 3, stride, groups), (out, 1, 1, 1))
 
 
+class ResidualBlock(nn.Module):
+    """Fields of a residual block (basic or bottleneck) ending at point ``index``."""
+
+    planes: int
+    stride: int
+    index: int
+    ctx: SDPointContext
+    groups: int = 1
+    width_per_group: int = 64
+    bottleneck: bool = False
+
+    @property
+    def convs(self) -> tuple[int, tuple[ConvSpec, ...]]:
+        """Output channels and conv layers, see :func:`block_convs`."""
+        return block_convs(
+            self.planes, self.stride, self.groups, self.width_per_group, self.bottleneck
+        )
+
+
 class Shortcut(nn.Module):
     """1x1 conv (with stride) + BN, where a block changes shape; else identity."""
 
@@ -80,7 +99,7 @@ class ResidualNet(SDPointModel, kw_only=True):
     width_per_group: int = 64
     stem_point: bool = True
 
-    block: ClassVar[type[nn.Module]]
+    block: ClassVar[type[ResidualBlock]]
     head_norm: ClassVar[bool]
 
     @property

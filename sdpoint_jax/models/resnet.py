@@ -10,27 +10,16 @@ import flax.linen as nn
 import jax
 
 from sdpoint_jax.models.layers import Add, Relu, conv
-from sdpoint_jax.models.residual import ResidualNet, Shortcut, block_convs
-from sdpoint_jax.points import SDPointContext
+from sdpoint_jax.models.residual import ResidualBlock, ResidualNet, Shortcut
 
 
-class PostActBlock(nn.Module):
+class PostActBlock(ResidualBlock):
     """(conv-BN-ReLU)* conv-BN, plus shortcut; then the point, then ReLU."""
-
-    planes: int
-    stride: int
-    index: int
-    ctx: SDPointContext
-    groups: int = 1
-    width_per_group: int = 64
-    bottleneck: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ctx = self.ctx
-        out, convs = block_convs(
-            self.planes, self.stride, self.groups, self.width_per_group, self.bottleneck
-        )
+        out, convs = self.convs
         y = x
         for number, (features, kernel, stride, groups) in enumerate(convs, start=1):
             if number > 1:
