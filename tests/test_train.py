@@ -214,3 +214,30 @@ def test_cli_reports_usage_and_missing_results(tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 1
     assert f"error: no evaluation results at {tmp_path}/results.json" in output
+
+
+def test_bfloat16_compute_trains_with_float32_state():
+    import functools
+
+    import jax.numpy as jnp
+
+    from sdpoint_jax.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.train import create_optimizer, initial_state, train_step
+
+    model = create("wrn-10-1", dtype=jnp.bfloat16)
+    tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
+    state = initial_state(model, tx, image_size=16, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    losses = []
+    for instance in [Instance.full(), Instance(2, 0.5)] * 6:
+        state, metrics = step(state, batch, instance=instance)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2])  # fits the fixed batch
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
