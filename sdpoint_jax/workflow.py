@@ -134,8 +134,9 @@ def select_run(
         path = Path(latency_file) if latency_file else Path(workdir) / "latency.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"--budget-ms needs a latency table, and {path} does not exist (give one "
-                f"with --latency: JSON rows with point, ratio, batch, median_ms)"
+                f"--budget-ms needs a latency table, and {path} does not exist: measure one "
+                f"with `python -m sdpoint_jax.bench latency --model M --out {Path(workdir)}`, "
+                f"or give one with --latency"
             )
         latency_rows = json.loads(path.read_text())
     bn_mode = "instance" if any(r["bn_mode"] == "instance" for r in rows) else "uniform"

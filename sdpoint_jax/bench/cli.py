@@ -1,0 +1,97 @@
+"""Command-line pieces shared by the benchmarks: what is measured and argument types."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from sdpoint_jax.flops import DATASET_SHAPES
+from sdpoint_jax.models import SDPointModel, create
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a benchmark measures: a model, the data set fixing its input size and
+    classes, and the compute dtype (parameters stay float32)."""
+
+    model_name: str
+    dataset: str
+    dtype: str
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input images, in pixels."""
+        return DATASET_SHAPES[self.dataset][0]
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.image_size, self.image_size
+
+    def create_model(self) -> SDPointModel:
+        """The model, with the paper's default ratios and per-instance batch norm."""
+        num_classes = DATASET_SHAPES[self.dataset][1]
+        return create(self.model_name, num_classes=num_classes, dtype=jnp.dtype(self.dtype))
+
+    def fields(self) -> dict[str, str]:
+        """The ``model``, ``dataset`` and ``dtype`` entries of a result."""
+        return {"model": self.model_name, "dataset": self.dataset, "dtype": self.dtype}
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dataset``, ``--dtype`` and ``--out``."""
+    parser.add_argument("--model", required=True, help="e.g. wrn-16-1, wrn-28-10, resnet-50")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASET_SHAPES),
+        default="cifar10",
+        help="fixes input size and classes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("."), help="output directory (default: current)"
+    )
+
+
+def target_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[Target, SDPointModel]:
+    """The target and its model; an unknown model name is a usage error."""
+    target = Target(args.model, args.dataset, args.dtype)
+    try:
+        return target, target.create_model()
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``, the error naming ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be an integer >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated batch sizes, each ``>= 1``, e.g. ``1,32,128``."""
+    parse = at_least(1, "every batch size")
+    sizes = [parse(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected batch sizes such as '1,32', got {text!r}")
+    return list(dict.fromkeys(sizes))

@@ -1,0 +1,190 @@
+"""Compile time of every train-step program: one by one, in parallel, from a warm cache.
+
+All ``2N + 1`` train-step programs of the target (built as training builds them) are
+compiled three times, each time in a fresh Python process, so that no run profits from
+another's in-memory state (JAX's persistent-cache setting is fixed per process once
+used; XLA may keep process-wide tuning results):
+
+1. ``one_by_one``: one program after the other, each timed, persistent cache disabled;
+   the full instance, compiled first, gives the cost of one program;
+2. ``parallel``: ``InstancePrograms.precompile(workers=W)``, writing into a new, empty
+   persistent compilation cache (cold);
+3. ``warm_cache``: the same again in a new process, served by that cache, as a resumed
+   or repeated run is.
+
+Times are wall-clock seconds from the first program to the last (tracing, lowering and
+compiling or loading), after the backend has started. The cache is a temporary
+directory removed at the end.
+
+``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
+``platform``, ``jax_version``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
+``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
+``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold`` or
+``warm``), ``seconds``, ``cache_hits``, ``cache_writes`` (programs written to the cache))
+and ``parallel_over_one`` (parallel seconds / one program's seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench.train_steps import TrainSteps
+from sdpoint_jax.instance import Instance
+from sdpoint_jax.programs import enable_compilation_cache
+
+T = TypeVar("T")
+
+CACHE_HITS = "/jax/compilation_cache/cache_hits"
+CACHE_WRITES = "/jax/compilation_cache/cache_misses"  # recorded when an entry is written
+
+COLUMNS = (
+    report.Column("run", "name"),
+    report.Column("workers", "workers"),
+    report.Column("cache", "cache"),
+    report.Column("programs", "programs"),
+    report.Column("seconds", "seconds", ".2f"),
+    report.Column("x one program", "of_one", ".2f"),
+    report.Column("cache hits", "cache_hits"),
+    report.Column("cache writes", "cache_writes"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_target_arguments(parser)
+    parser.add_argument(
+        "--batch",
+        type=cli.at_least(1, "--batch"),
+        default=128,
+        help="global batch size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=cli.at_least(1, "--workers"),
+        default=4,
+        help="parallel compile threads (default: %(default)s)",
+    )
+
+
+def run_isolated(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a fresh (spawned) Python process; returns its result.
+
+    ``function`` and ``args`` must be picklable (module-level function, plain data).
+    """
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """Compiling every train-step program of ``target`` at ``batch_size``.
+
+    Attributes:
+      workers: compile threads (``InstancePrograms.precompile``); ``None`` compiles one
+        program after the other on the calling thread and times each.
+      cache_dir: persistent compilation cache directory; ``None`` disables the cache.
+    """
+
+    target: cli.Target
+    batch_size: int
+    workers: int | None
+    cache_dir: str | None
+
+
+def compile_all(job: CompileJob) -> dict[str, Any]:
+    """Runs ``job`` in this (fresh) process: ``seconds`` in all, ``program_s`` (one by
+    one only), persistent-cache ``cache_hits`` and ``cache_writes``, and its
+    ``environment`` (the device)."""
+    if job.cache_dir is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+    else:
+        enable_compilation_cache(job.cache_dir)
+    model = job.target.create_model()
+    programs = TrainSteps.create(job.target, model, job.batch_size, abstract=True).programs
+    jax.block_until_ready(jnp.zeros(()) + 1)  # start the backend before timing
+    events = Counter()
+    jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
+    program_s = {}
+    start = time.perf_counter()
+    if job.workers is None:
+        for instance in tqdm(model.space, desc="compiling one by one", unit="program"):
+            program_start = time.perf_counter()
+            programs[instance]  # compiles it
+            program_s[str(instance)] = time.perf_counter() - program_start
+    else:
+        programs.precompile(model.space, workers=job.workers)
+    return {
+        "seconds": time.perf_counter() - start,
+        "program_s": program_s,
+        "cache_hits": events[CACHE_HITS],
+        "cache_writes": events[CACHE_WRITES],
+        "environment": report.environment(),
+    }
+
+
+def benchmark(
+    target: cli.Target, num_programs: int, batch_size: int, workers: int
+) -> dict[str, Any]:
+    """The three runs (``compile_bench.json``'s content)."""
+    with tempfile.TemporaryDirectory(prefix="sdpoint_jax_bench_cache_") as cache_dir:
+        parallel = CompileJob(target, batch_size, workers, cache_dir)
+        jobs = {
+            "one_by_one": ("off", CompileJob(target, batch_size, None, None)),
+            "parallel": ("cold", parallel),
+            "warm_cache": ("warm", parallel),
+        }
+        results = {}
+        for name, (cache, job) in jobs.items():
+            tqdm.write(f"{name}: {job.workers or 1} worker(s), persistent cache {cache}")
+            results[name] = run_isolated(compile_all, job)
+    one_program_s = results["one_by_one"]["program_s"][str(Instance.full())]
+    phases = [
+        {
+            "name": name,
+            "workers": jobs[name][1].workers or 1,
+            "cache": jobs[name][0],
+            **{key: result[key] for key in ("seconds", "cache_hits", "cache_writes")},
+        }
+        for name, result in results.items()
+    ]
+    return {
+        **target.fields(),
+        **results["parallel"]["environment"],
+        "batch": batch_size,
+        "workers": workers,
+        "programs": num_programs,
+        "one_program_s": one_program_s,
+        "program_s": results["one_by_one"]["program_s"],
+        "phases": phases,
+        "parallel_over_one": results["parallel"]["seconds"] / one_program_s,
+    }
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    target, model = cli.target_from_args(args, parser)
+    result = benchmark(target, len(model.space), args.batch, args.workers)
+    path = report.write_json(args.out / "compile_bench.json", result)
+    one = result["one_program_s"]
+    table = [
+        {"name": "one program (full)", "workers": 1, "cache": "off", "programs": 1, "seconds": one}
+    ] + [{**phase, "programs": result["programs"]} for phase in result["phases"]]
+    print(
+        f"{args.model} on {args.dataset}, {args.dtype}, batch {args.batch}: compiling "
+        f"{result['programs']} train-step programs on {result['device_kind']}"
+    )
+    print(report.format_table([{**row, "of_one": row["seconds"] / one} for row in table], COLUMNS))
+    print(f"wrote {path}")
+    return result

@@ -1,0 +1,271 @@
+"""Inference latency of SDPoint instances, and whether it follows their FLOPs.
+
+For every instance and batch size the eval forward pass (``train=False``) is compiled
+ahead of time, run ``warmup`` times, then timed ``repeats`` times, each run ended by
+``block_until_ready``. Variables are zeros (:mod:`sdpoint_jax.bench.values`): latency
+does not depend on their values. Rows are written to ``latency.json`` (the latency
+table that ``sdpoint_jax.main select --budget-ms`` reads) and plotted against GFLOPs
+to ``latency_vs_flops.png``; the console shows a table and, per batch size, how well
+latency is ordered like FLOPs (Spearman rank correlation, and the pairs of instances
+where the one with fewer FLOPs is more than 5% slower).
+
+Row fields: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
+``jax_version``, ``instance`` (e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
+``gflops`` (analytic, per image), ``xla_gflops`` (XLA's cost analysis of the compiled
+program, per batch; ``null`` where the backend has none), ``compile_s`` (lower and
+compile, seconds), ``repeats``, ``warmup``, ``median_ms``, ``p10_ms``, ``p90_ms`` (per
+batch, milliseconds), ``images_per_s`` (``batch / median``) and
+``achieved_gflops_per_s`` (analytic GFLOPs x ``batch / median``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench.values import zeros_like
+from sdpoint_jax.flops import abstract_variables, count_flops
+from sdpoint_jax.instance import Instance
+from sdpoint_jax.models import SDPointModel
+
+Row = dict[str, Any]
+
+SLOWER_TOLERANCE = 0.05
+"""A cheaper instance counts as out of order when its median is this fraction slower."""
+
+COLUMNS = (
+    report.Column("instance", "instance"),
+    report.Column("batch", "batch"),
+    report.Column("GFLOPs/img", "gflops", ".4f"),
+    report.Column("XLA GFLOPs/batch", "xla_gflops", ".3f"),
+    report.Column("compile s", "compile_s", ".2f"),
+    report.Column("median ms", "median_ms", ".3f"),
+    report.Column("p10 ms", "p10_ms", ".3f"),
+    report.Column("p90 ms", "p90_ms", ".3f"),
+    report.Column("img/s", "images_per_s", ".1f"),
+    report.Column("GFLOP/s", "achieved_gflops_per_s", ".2f"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_target_arguments(parser)
+    parser.add_argument(
+        "--batch",
+        type=cli.batch_sizes,
+        default=[1, 32, 128],
+        help="batch sizes (default: 1,32,128)",
+    )
+    parser.add_argument("--instances", default="all", help="'all' (default) or e.g. 'full,3:0.5'")
+    parser.add_argument(
+        "--repeats",
+        type=cli.at_least(1, "--repeats"),
+        default=20,
+        help="timed runs per program (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=cli.at_least(0, "--warmup"),
+        default=3,
+        help="untimed runs first (default: %(default)s)",
+    )
+
+
+def _xla_gflops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs of the whole compiled program by XLA's cost analysis, in GFLOPs, if known."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # one entry per program in older versions
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return None if flops is None else float(flops) / 1e9
+
+
+def measure(
+    model: SDPointModel,
+    variables: Any,
+    images: jax.Array,
+    instance: Instance,
+    *,
+    repeats: int,
+    warmup: int,
+) -> Row:
+    """Compile time, XLA FLOPs and latency percentiles of one instance on ``images``."""
+    forward = jax.jit(functools.partial(model.apply, instance=instance, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(variables, images))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(variables, images))
+        seconds.append(time.perf_counter() - start)
+    p10, median, p90 = np.percentile(np.asarray(seconds) * 1e3, [10, 50, 90])
+    return {
+        "xla_gflops": _xla_gflops(compiled),
+        "compile_s": compile_s,
+        "repeats": repeats,
+        "warmup": warmup,
+        "median_ms": float(median),
+        "p10_ms": float(p10),
+        "p90_ms": float(p90),
+    }
+
+
+def benchmark(
+    target: cli.Target,
+    model: SDPointModel,
+    instances: Sequence[Instance],
+    batches: Sequence[int],
+    *,
+    repeats: int,
+    warmup: int,
+) -> list[Row]:
+    """One row per batch size and instance (batch-major, instances in the given order)."""
+    gflops = {inst: count_flops(model, inst, target.input_hw) / 1e9 for inst in instances}
+    variables = jax.device_put(zeros_like(abstract_variables(model, target.input_hw)))
+    common = {**target.fields(), **report.environment()}
+    rng = np.random.default_rng(0)
+    rows = []
+    with tqdm(total=len(batches) * len(instances), desc="latency", unit="program") as bar:
+        for batch in batches:
+            images = jax.device_put(rng.standard_normal((batch, *target.input_hw, 3), np.float32))
+            for inst in instances:
+                bar.set_postfix(batch=batch, instance=str(inst))
+                timing = measure(model, variables, images, inst, repeats=repeats, warmup=warmup)
+                seconds = timing["median_ms"] / 1e3
+                rows.append(
+                    {
+                        **common,
+                        "instance": str(inst),
+                        "point": inst.point,
+                        "ratio": inst.ratio,
+                        "batch": batch,
+                        "gflops": gflops[inst],
+                        **timing,
+                        "images_per_s": batch / seconds,
+                        "achieved_gflops_per_s": gflops[inst] * batch / seconds,
+                    }
+                )
+                bar.update()
+    return rows
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks from 0, tied values sharing their mean rank."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation of ``x`` and ``y``; ``None`` when either is constant."""
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def out_of_order(rows: Sequence[Row], tolerance: float = SLOWER_TOLERANCE) -> list[tuple[Row, Row]]:
+    """Pairs ``(cheap, costly)`` of rows of one batch size where ``cheap`` has fewer
+    analytic FLOPs but a median latency more than ``tolerance`` above ``costly``'s."""
+    pairs = []
+    for a, b in itertools.combinations(rows, 2):
+        cheap, costly = sorted((a, b), key=lambda row: row["gflops"])
+        slower = cheap["median_ms"] > (1 + tolerance) * costly["median_ms"]
+        if cheap["gflops"] < costly["gflops"] and slower:
+            pairs.append((cheap, costly))
+    return pairs
+
+
+def by_batch(rows: Sequence[Row]) -> dict[int, list[Row]]:
+    """Rows grouped by batch size, in order of first appearance."""
+    groups: dict[int, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row["batch"], []).append(row)
+    return groups
+
+
+def format_order(rows: Sequence[Row]) -> str:
+    """Per batch size: how well median latency is ordered like FLOPs."""
+    lines = []
+    for batch, same in by_batch(rows).items():
+        rho = spearman([r["gflops"] for r in same], [r["median_ms"] for r in same])
+        rho_text = "n/a (needs two instances of different cost)" if rho is None else f"{rho:.3f}"
+        lines.append(f"batch {batch}: Spearman rank correlation of latency with FLOPs {rho_text}")
+        pairs = out_of_order(same)
+        lines.append(
+            f"  {len(pairs)} pair(s) where fewer FLOPs run > {SLOWER_TOLERANCE:.0%} slower"
+            + (":" if pairs else "")
+        )
+        lines += [
+            f"    {cheap['instance']} ({cheap['gflops']:.4f} GFLOPs, {cheap['median_ms']:.3f} ms)"
+            f" vs {costly['instance']} ({costly['gflops']:.4f} GFLOPs, "
+            f"{costly['median_ms']:.3f} ms)"
+            for cheap, costly in pairs
+        ]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
+    """Median latency (ms, log scale) against GFLOPs per image, one series per batch."""
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for batch, group in by_batch(rows).items():
+        same = sorted(group, key=lambda row: row["gflops"])
+        axes.plot(
+            [row["gflops"] for row in same],
+            [row["median_ms"] for row in same],
+            marker="o",
+            markersize=4,
+            linewidth=1,
+            label=f"batch {batch}",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("GFLOPs per image")
+    axes.set_ylabel("median latency per batch (ms)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=120)
+    return path
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Row]:
+    target, model = cli.target_from_args(args, parser)
+    try:
+        instances = list(dict.fromkeys(model.space.parse_list(args.instances)))
+    except ValueError as err:
+        parser.error(str(err))
+    if not instances:
+        parser.error(f"--instances {args.instances!r} names no instance")
+    rows = benchmark(target, model, instances, args.batch, repeats=args.repeats, warmup=args.warmup)
+    json_path = report.write_json(args.out / "latency.json", rows)
+    device = rows[0]["device_kind"]
+    png_path = plot(rows, args.out / "latency_vs_flops.png", f"{args.model} ({device})")
+    print(f"{args.model} on {args.dataset}, {args.dtype}, {device}:")
+    print(report.format_table(rows, COLUMNS))
+    print(format_order(rows))
+    print(f"wrote {json_path} and {png_path}")
+    return rows

@@ -1,0 +1,170 @@
+"""Training throughput: full network, cheapest instance, and the SDPoint mix.
+
+Three runs of ``steps`` jitted train steps on one random batch (real optimizer, state
+donated from step to step, as in training): every step the full instance; every step
+the instance with the fewest analytic FLOPs; and the SDPoint mix, step ``s`` running
+``draw_instance(space, seed=0, step=s, sdpoint=True)`` as training does. Every program
+is compiled and run once before any timing. A run is timed from its first dispatch to
+its final state being ready, so host dispatch overlaps device work as in training.
+
+The mix's speed-up is compared with its FLOPs: the mean over the drawn instances of
+``FLOPs / full FLOPs``, and its expectation under the paper's uniform draw. FLOPs are
+forward-pass FLOPs; a train step costs about three forward passes at every instance,
+so the fractions carry over.
+
+``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
+``jax_version``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``,
+``draws`` (instance -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
+``flops_fraction`` (mean FLOPs / full FLOPs over its steps)),
+``mix_over_full_step_time``, ``drawn_flops_fraction`` and ``uniform_flops_fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from sdpoint_jax import parallel
+from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench.train_steps import TrainSteps
+from sdpoint_jax.flops import instance_costs
+from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.models import SDPointModel
+from sdpoint_jax.train import TrainState, draw_instance
+
+COLUMNS = (
+    report.Column("run", "name"),
+    report.Column("instances", "instances"),
+    report.Column("step ms", "step_ms", ".2f"),
+    report.Column("img/s", "images_per_s", ".1f"),
+    report.Column("FLOPs of full", "flops_fraction", ".1%"),
+    report.Column("time of full", "time_fraction", ".1%"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_target_arguments(parser)
+    parser.add_argument(
+        "--batch", type=cli.at_least(1, "--batch"), required=True, help="global batch size"
+    )
+    parser.add_argument(
+        "--steps",
+        type=cli.at_least(1, "--steps"),
+        default=20,
+        help="timed steps per run (default: %(default)s)",
+    )
+
+
+def uniform_flops_fraction(space: InstanceSpace, flops: Mapping[Instance, int]) -> float:
+    """Expected ``FLOPs / full FLOPs`` of one draw of :meth:`InstanceSpace.sample`:
+    ``(1 + (1/|R|) sum_{p >= 1, r} F(p, r) / F_full) / (N + 1)``."""
+    full = flops[Instance.full()]
+    downsampled = sum(flops[inst] for inst in space if not inst.is_full) / len(space.ratios)
+    return (1 + downsampled / full) / (space.num_points + 1)
+
+
+def random_batch(mesh: Mesh, batch_size: int, image_size: int, num_classes: int) -> dict:
+    """Normal images and uniform labels, sharded over the mesh."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.standard_normal((batch_size, image_size, image_size, 3), np.float32),
+        "label": rng.integers(0, num_classes, batch_size, dtype=np.int32),
+    }
+    return parallel.shard_batch(batch, mesh)
+
+
+def timed_run(
+    steps: TrainSteps, state: TrainState, batch: dict, instances: Sequence[Instance], name: str
+) -> tuple[TrainState, float]:
+    """Runs one train step per entry of ``instances``; returns the state and seconds."""
+    start = time.perf_counter()
+    for instance in tqdm(instances, desc=name, unit="step", leave=False):
+        state, _ = steps.programs[instance](state, batch)
+    jax.block_until_ready(state)
+    return state, time.perf_counter() - start
+
+
+def benchmark(
+    target: cli.Target, model: SDPointModel, batch_size: int, num_steps: int
+) -> dict[str, Any]:
+    """The three timed runs and the FLOPs expectations (``train_bench.json``'s content)."""
+    flops = {cost.instance: cost.flops for cost in instance_costs(model, target.input_hw)}
+    full = Instance.full()
+    runs = {
+        "full": [full] * num_steps,
+        "cheapest": [min(flops, key=flops.get)] * num_steps,
+        "mix": [draw_instance(model.space, 0, step, True) for step in range(num_steps)],
+    }
+    needed = list(dict.fromkeys(inst for sequence in runs.values() for inst in sequence))
+    steps = TrainSteps.create(target, model, batch_size)
+    steps.programs.precompile(needed)
+    batch = random_batch(steps.mesh, batch_size, target.image_size, model.num_classes)
+    state, _ = timed_run(steps, steps.state, batch, needed, "first run of each program")
+    results = []
+    for name, sequence in runs.items():
+        state, seconds = timed_run(steps, state, batch, sequence, name)
+        results.append(
+            {
+                "name": name,
+                "draws": dict(Counter(str(inst) for inst in sequence)),
+                "seconds": seconds,
+                "step_ms": seconds / num_steps * 1e3,
+                "images_per_s": num_steps * batch_size / seconds,
+                "flops_fraction": float(np.mean([flops[inst] / flops[full] for inst in sequence])),
+            }
+        )
+    by_name = {run["name"]: run for run in results}
+    return {
+        **target.fields(),
+        **report.environment(),
+        "batch": batch_size,
+        "steps": num_steps,
+        "runs": results,
+        "mix_over_full_step_time": by_name["mix"]["seconds"] / by_name["full"]["seconds"],
+        "drawn_flops_fraction": by_name["mix"]["flops_fraction"],
+        "uniform_flops_fraction": uniform_flops_fraction(model.space, flops),
+    }
+
+
+def _describe(draws: Mapping[str, int]) -> str:
+    """``"3:0.5"`` for a run of one instance, else how many distinct ones were drawn."""
+    return next(iter(draws)) if len(draws) == 1 else f"{len(draws)} distinct"
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    target, model = cli.target_from_args(args, parser)
+    try:
+        parallel.check_batch_size(args.batch, parallel.create_mesh())
+    except ValueError as err:
+        parser.error(f"--batch: {err}")
+    result = benchmark(target, model, args.batch, args.steps)
+    path = report.write_json(args.out / "train_bench.json", result)
+    full_seconds = result["runs"][0]["seconds"]
+    table = [
+        {
+            **run,
+            "instances": _describe(run["draws"]),
+            "time_fraction": run["seconds"] / full_seconds,
+        }
+        for run in result["runs"]
+    ]
+    print(
+        f"{args.model} on {args.dataset}, {args.dtype}, batch {args.batch}, {args.steps} steps "
+        f"per run, {result['device_kind']}:"
+    )
+    print(report.format_table(table, COLUMNS))
+    print(
+        f"SDPoint mix: step time {result['mix_over_full_step_time']:.1%} of full; FLOPs "
+        f"{result['drawn_flops_fraction']:.1%} of full over the drawn instances, "
+        f"{result['uniform_flops_fraction']:.1%} expected under the uniform draw"
+    )
+    print(f"wrote {path}")
+    return result
