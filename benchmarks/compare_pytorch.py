@@ -1,0 +1,145 @@
+"""sdpoint_jax vs eager PyTorch on the same CPU, measured in one run.
+
+    python benchmarks/compare_pytorch.py --torch-python /path/to/python-with-torch
+
+Alternates rounds (ours, PyTorch NCHW, PyTorch channels-last) so that the ratios share
+the machine's state, and prints per-round figures, medians and the ratios
+ours / PyTorch for the train step (images/s, higher is better) and batch-1 inference
+(ms, lower is better). Default model: WRN-16-4 full instance, batch 128, random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdpoint_jax import parallel
+from sdpoint_jax.config import cifar_config
+from sdpoint_jax.instance import Instance
+from sdpoint_jax.models import create
+from sdpoint_jax.train import create_optimizer, initial_state, train_programs
+
+HERE = Path(__file__).resolve().parent
+
+
+def jax_figures(model_name: str, batch: int, steps: int, infer_repeats: int) -> dict:
+    model = create(model_name)
+    tx = create_optimizer(cifar_config(model_name, "cifar10"), steps_per_epoch=1000)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
+    step = train_programs(model, tx, state, mesh, batch, 32)[Instance.full()]
+    rng = np.random.default_rng(0)
+    data = parallel.shard_batch(
+        {
+            "image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, batch).astype(np.int32),
+        },
+        mesh,
+    )
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    forward = jax.jit(functools.partial(model.apply, instance=Instance.full(), train=False))
+    one = jnp.asarray(data["image"][:1])
+    forward = forward.lower(state.variables, one).compile()
+    infer = []
+    for i in range(infer_repeats + 5):
+        start = time.perf_counter()
+        forward(state.variables, one).block_until_ready()
+        if i >= 5:
+            infer.append(time.perf_counter() - start)
+    return {
+        "framework": f"jax {jax.__version__} (XLA:CPU)",
+        "train_images_per_sec": batch / statistics.median(times),
+        "infer_batch1_ms": 1e3 * statistics.median(infer),
+    }
+
+
+def torch_figures(
+    python: str, model: list[str], layout: str, batch: int, steps: int, infer_repeats: int
+) -> dict:
+    command = [
+        python,
+        str(HERE / "pytorch_wrn.py"),
+        *model,
+        "--layout",
+        layout,
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--infer-repeats",
+        str(infer_repeats),
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torch-python", required=True, help="a Python with torch installed")
+    parser.add_argument("--model", default="wrn-16-4", help="wrn-D-W")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--infer-repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    match = re.fullmatch(r"wrn-(\d+)-(\d+)", args.model)
+    if not match:
+        parser.error(f"--model must be a WRN such as wrn-16-4 (the reference), got {args.model}")
+    depth_width = ["--depth", match[1], "--width", match[2]]
+    rounds: dict[str, list[dict]] = {"jax": [], "nchw": [], "channels_last": []}
+    for round_index in range(args.rounds):
+        rounds["jax"].append(jax_figures(args.model, args.batch, args.steps, args.infer_repeats))
+        for layout in ("nchw", "channels_last"):
+            rounds[layout].append(
+                torch_figures(
+                    args.torch_python,
+                    depth_width,
+                    layout,
+                    args.batch,
+                    args.steps,
+                    args.infer_repeats,
+                )
+            )
+        print(f"round {round_index + 1}: " + json.dumps(rounds), file=sys.stderr)
+    medians = {
+        name: {
+            key: statistics.median(r[key] for r in rows)
+            for key in ("train_images_per_sec", "infer_batch1_ms")
+        }
+        for name, rows in rounds.items()
+    }
+    ours = medians["jax"]
+    summary = {
+        "model": args.model,
+        "batch": args.batch,
+        "medians": medians,
+        "train_ratio_vs_nchw": ours["train_images_per_sec"]
+        / medians["nchw"]["train_images_per_sec"],
+        "train_ratio_vs_channels_last": ours["train_images_per_sec"]
+        / medians["channels_last"]["train_images_per_sec"],
+        "infer_speed_ratio_vs_nchw": medians["nchw"]["infer_batch1_ms"] / ours["infer_batch1_ms"],
+        "infer_speed_ratio_vs_channels_last": medians["channels_last"]["infer_batch1_ms"]
+        / ours["infer_batch1_ms"],
+    }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
