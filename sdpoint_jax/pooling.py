@@ -5,8 +5,10 @@ Bin ``i`` of an axis of length ``In`` pooled to ``Out`` covers the half-open ran
 ``adaptive_avg_pool2d`` / ``adaptive_max_pool2d``. Height and width are pooled
 independently. Shapes are static, so the bins are numpy constants:
 
-* average pooling is two small constant averaging matrices applied with ``einsum``
-  (a dense, fusable contraction; no gather, no Python loop over bins);
+* average pooling works one axis at a time: where the size divides exactly (e.g.
+  32 -> 16) the bins are plain windows and a reshape-mean does it; otherwise (e.g.
+  32 -> 24, overlapping bins) a small constant averaging matrix is applied with
+  ``einsum`` (a dense contraction; no gather, no Python loop over bins);
 * max pooling is separable as well: for each axis it takes the element-wise max of
   ``L`` gathered slices, ``L`` being the longest bin (2-4 in practice).
 """
@@ -64,16 +66,25 @@ def _check_nhwc(x: Array, out_hw: tuple[int, int]) -> None:
             raise ValueError(f"adaptive pooling output {name} must be >= 1, got {out_hw}")
 
 
+_AXIS_EINSUM = {1: "oh,nhwc->nowc", 2: "ow,nhwc->nhoc"}
+
+
+def _average_axis(x: Array, axis: int, out_size: int) -> Array:
+    """Adaptive average pooling of one spatial axis (1 = height, 2 = width)."""
+    in_size = x.shape[axis]
+    if in_size == out_size:
+        return x
+    if in_size % out_size == 0:  # equal, disjoint windows
+        window = in_size // out_size
+        return x.reshape(*x.shape[:axis], out_size, window, *x.shape[axis + 1 :]).mean(axis + 1)
+    matrix = jnp.asarray(_averaging_matrix(in_size, out_size), x.dtype)
+    return jnp.einsum(_AXIS_EINSUM[axis], matrix, x)
+
+
 def adaptive_avg_pool(x: Array, out_hw: tuple[int, int]) -> Array:
     """Adaptive average pooling of ``x`` ``(N, H, W, C)`` to ``(N, out_h, out_w, C)``."""
     _check_nhwc(x, out_hw)
-    (out_h, out_w), (in_h, in_w) = out_hw, x.shape[1:3]
-    if (out_h, out_w) == (in_h, in_w):
-        return x
-    rows = jnp.asarray(_averaging_matrix(in_h, out_h), x.dtype)
-    cols = jnp.asarray(_averaging_matrix(in_w, out_w), x.dtype)
-    x = jnp.einsum("ih,nhwc->niwc", rows, x)
-    return jnp.einsum("jw,niwc->nijc", cols, x)
+    return _average_axis(_average_axis(x, 1, out_hw[0]), 2, out_hw[1])
 
 
 def adaptive_max_pool(x: Array, out_hw: tuple[int, int]) -> Array:
