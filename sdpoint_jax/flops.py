@@ -35,19 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdpoint_jax.datasets import SPECS
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.layers import AdaptivePool, Add, GlobalAvgPool, Pool, Relu
 from sdpoint_jax.norm import KeyedBatchNorm
 from sdpoint_jax.pooling import bin_element_count
-
-# Input size and classes of the data sets the CLI knows.
-DATASET_SHAPES: dict[str, tuple[int, int]] = {
-    "cifar10": (32, 10),
-    "cifar100": (32, 100),
-    "imagenet2012": (224, 1000),
-}
-
 
 CONV_TAPS = ("all", "valid")
 
@@ -209,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="FLOPs (multiply and add counted separately) of every SDPoint instance.",
     )
     parser.add_argument("--model", required=True, help="e.g. wrn-28-10, resnext-101-32x4d")
-    parser.add_argument("--dataset", choices=sorted(DATASET_SHAPES), default="cifar10")
+    parser.add_argument("--dataset", choices=sorted(SPECS), default="cifar10")
     parser.add_argument("--image-size", type=int, help="override the data set's input size")
     parser.add_argument("--instances", default="all", help="'all' or e.g. 'full,3:0.5'")
     parser.add_argument("--json", action="store_true", help="print one JSON row per instance")
     args = parser.parse_args(argv)
 
-    size, num_classes = DATASET_SHAPES[args.dataset]
-    size = args.image_size or size
+    spec = SPECS[args.dataset]
+    size, num_classes = args.image_size or spec.image_size, spec.num_classes
     try:
         model = create(args.model, num_classes=num_classes)
         instances = model.space.parse_list(args.instances)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sdpoint_jax import data
+from sdpoint_jax import data, datasets
 
 NUM_MOCK_EXAMPLES = 20
 BATCH = 4  # -> 5 steps per epoch on the mocked splits
@@ -257,7 +257,7 @@ def test_resumed_stream_equals_uninterrupted_stream(
 ) -> None:
     if shuffle_buffer is not None:
         spec = dataclasses.replace(data.dataset_spec(name), shuffle_buffer=shuffle_buffer)
-        monkeypatch.setitem(data._SPECS, name, spec)
+        monkeypatch.setitem(datasets.SPECS, name, spec)
     end_step = 12  # crosses the epoch boundaries at steps 5 and 10
     full = take(data.train_batches(name, global_batch_size=BATCH, seed=7), end_step)
     resumed = data.train_batches(name, global_batch_size=BATCH, seed=7, start_step=start_step)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from sdpoint_jax.flops import DATASET_SHAPES
+from sdpoint_jax.datasets import SPECS
 from sdpoint_jax.models import SDPointModel, create
 
 DTYPES = ("float32", "bfloat16")
@@ -27,7 +27,7 @@ class Target:
     @property
     def image_size(self) -> int:
         """Side of the square input images, in pixels."""
-        return DATASET_SHAPES[self.dataset][0]
+        return SPECS[self.dataset].image_size
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -35,7 +35,7 @@ class Target:
 
     def create_model(self) -> SDPointModel:
         """The model, with the paper's default ratios and per-instance batch norm."""
-        num_classes = DATASET_SHAPES[self.dataset][1]
+        num_classes = SPECS[self.dataset].num_classes
         return create(self.model_name, num_classes=num_classes, dtype=jnp.dtype(self.dtype))
 
     def fields(self) -> dict[str, str]:
@@ -48,7 +48,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="e.g. wrn-16-1, wrn-28-10, resnet-50")
     parser.add_argument(
         "--dataset",
-        choices=sorted(DATASET_SHAPES),
+        choices=sorted(SPECS),
         default="cifar10",
         help="fixes input size and classes (default: %(default)s)",
     )
