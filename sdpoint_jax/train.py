@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf  # TensorBoard summaries; already loaded by the input pipeline
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -312,17 +313,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     instance=str(instance),
                 )
             bar.update()
-            evaluated = (step + 1) % eval_every == 0 or step + 1 == run.total_steps
-            if evaluated:
+            # at most one save per step: a step is never written twice
+            if (step + 1) % eval_every == 0 or step + 1 == run.total_steps:
                 top1 = _full_accuracy(run, state)
                 logger.write(step + 1, {"eval_top1_accuracy": top1}, None)
                 save(step + 1, state, draws, {"top1_accuracy": top1})
-            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end:
-                save(step + 1, state, draws, None)
-            if evaluated:
                 last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
-            if preempted():
+            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end or preempted():
                 save(step + 1, state, draws, None)
+            if preempted():
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
                 break
         bar.close()
@@ -384,8 +383,6 @@ class _MetricsLogger:
         self._jsonl = (workdir / "train_log.jsonl").open("a") if main else None
         self._tb = None
         if main:
-            import tensorflow as tf  # already loaded by the input pipeline
-
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float], instance: Instance | None) -> None:
@@ -396,8 +393,6 @@ class _MetricsLogger:
             row["instance"] = str(instance)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
-        import tensorflow as tf
-
         with self._tb.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(name, value)

@@ -28,7 +28,8 @@ CALIBRATED = "calibrated"
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Recomputes every instance's BN statistics over ``config.calibration_batches``
-    fixed training batches (eval preprocessing) and saves them in ``calibrated/``."""
+    fixed training batches (training augmentation with fixed seeds unless
+    ``config.calibration_augment`` is off) and saves them in ``calibrated/``."""
     run = Run.create(config, workdir)
     state, draws = run.restore()
     step = int(state.step)
@@ -48,9 +49,9 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
     variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
     calibrated = state.replace(batch_stats=variables["batch_stats"])
     with run.checkpoints(CALIBRATED, keep_last=1) as manager:
-        if manager.latest_step() == step:  # derived data: replace an older calibration
-            manager.close()
-            shutil.rmtree(run.workdir / CALIBRATED / str(step))
+        recalibrating = manager.latest_step() == step
+    if recalibrating:  # derived data: replace the earlier calibration of this step
+        shutil.rmtree(run.workdir / CALIBRATED / str(step))
     with run.checkpoints(CALIBRATED, keep_last=1) as manager:
         manager.save(
             step, {"state": calibrated, "draws": draws}, config=config.to_dict(), force=True
