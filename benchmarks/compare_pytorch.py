@@ -26,6 +26,7 @@ import numpy as np
 
 from sdpoint_jax import parallel
 from sdpoint_jax.config import cifar_config
+from sdpoint_jax.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.train import create_optimizer, initial_state, train_programs
@@ -33,8 +34,10 @@ from sdpoint_jax.train import create_optimizer, initial_state, train_programs
 HERE = Path(__file__).resolve().parent
 
 
-def jax_figures(model_name: str, batch: int, steps: int, infer_repeats: int) -> dict:
-    model = create(model_name)
+def jax_figures(
+    model_name: str, conv_lowering: str, batch: int, steps: int, infer_repeats: int
+) -> dict:
+    model = create(model_name, conv_lowering=resolve_conv_lowering(conv_lowering))
     tx = create_optimizer(cifar_config(model_name, "cifar10"), steps_per_epoch=1000)
     mesh = parallel.create_mesh(jax.devices()[:1])
     state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
@@ -64,7 +67,7 @@ def jax_figures(model_name: str, batch: int, steps: int, infer_repeats: int) -> 
         if i >= 5:
             infer.append(time.perf_counter() - start)
     return {
-        "framework": f"jax {jax.__version__} (XLA:CPU)",
+        "framework": f"jax {jax.__version__} (XLA:CPU, conv lowering {model.conv_lowering})",
         "train_images_per_sec": batch / statistics.median(times),
         "infer_batch1_ms": 1e3 * statistics.median(infer),
     }
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--infer-repeats", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--conv-lowering", choices=CONV_LOWERINGS, default="auto")
     args = parser.parse_args()
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", args.model)
     if not match:
@@ -105,7 +109,9 @@ def main() -> None:
     depth_width = ["--depth", match[1], "--width", match[2]]
     rounds: dict[str, list[dict]] = {"jax": [], "nchw": [], "channels_last": []}
     for round_index in range(args.rounds):
-        rounds["jax"].append(jax_figures(args.model, args.batch, args.steps, args.infer_repeats))
+        rounds["jax"].append(
+            jax_figures(args.model, args.conv_lowering, args.batch, args.steps, args.infer_repeats)
+        )
         for layout in ("nchw", "channels_last"):
             rounds[layout].append(
                 torch_figures(

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ratios = (0.5, 0.75)
     c.bn_mode = "instance"  # or "uniform" (UBN: one set of statistics)
     c.dtype = "float32"  # compute dtype; "bfloat16" for accelerators
+    c.conv_lowering = "auto"  # "xla", "matmul_grad" (fast CPU kernel gradients); auto by backend
     c.seed = 0
     # optimisation
     c.batch_size = 128

@@ -9,6 +9,8 @@ Architectures number their downsampling points ``1..N`` in forward order and cal
   downsampling layer (the ImageNet stem's 3x3/2 max pool): when active, the fixed
   layer is replaced by adaptive pooling of the same kind to
   ``round(r * size the fixed layer would produce)``, as in the authors' code;
+* ``ctx.conv(features, kernel, stride)`` for every convolution (the pass's dtype and
+  convolution lowering);
 * ``ctx.norm(block)`` for every batch-norm layer, ``block`` being the index of the
   point that ends the layer's building block (``N + 1`` after the last point).
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 
+from sdpoint_jax.conv_lowering import ConvLowering
 from sdpoint_jax.instance import Instance, InstanceSpace
-from sdpoint_jax.models.layers import AdaptivePool, Pool
+from sdpoint_jax.models.layers import AdaptivePool, Pool, conv
 from sdpoint_jax.norm import KeyedBatchNorm, active_key, check_bn_mode, layer_keys
 from sdpoint_jax.pooling import downsampled_hw
 
@@ -39,7 +43,8 @@ class SDPointContext:
       bn_mode: ``"instance"`` (per-instance statistics) or ``"uniform"`` (UBN).
       bn_axis_name: optional mapped axis to average batch statistics over.
       bn_momentum: running-statistics momentum (0 stores the last batch's moments).
-      dtype: compute dtype of the normalised activations.
+      dtype: compute dtype of convolutions and normalised activations.
+      conv_lowering: ``"xla"`` or ``"matmul_grad"`` (see :mod:`sdpoint_jax.conv_lowering`).
     """
 
     instance: Instance
@@ -49,6 +54,7 @@ class SDPointContext:
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = None
+    conv_lowering: ConvLowering = "xla"
 
     def __post_init__(self) -> None:
         self.space.validate(self.instance)
@@ -64,6 +70,28 @@ class SDPointContext:
             axis_name=self.bn_axis_name,
             momentum=self.bn_momentum,
             dtype=self.dtype,
+            name=name,
+        )
+
+    def conv(
+        self,
+        features: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        groups: int = 1,
+        use_bias: bool = False,
+        name: str | None = None,
+    ) -> nn.Conv:
+        """A PyTorch-padded convolution in this pass's dtype and lowering."""
+        return conv(
+            features,
+            kernel,
+            stride,
+            groups=groups,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            lowering=self.conv_lowering,
             name=name,
         )
 

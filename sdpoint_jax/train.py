@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax import data, parallel
 from sdpoint_jax.checkpoint import CheckpointError, CheckpointManager, PreemptionFlag
+from sdpoint_jax.conv_lowering import resolve_conv_lowering
 from sdpoint_jax.evaluate import evaluate_instances
 from sdpoint_jax.instance import Instance, InstanceSpace
 from sdpoint_jax.models import SDPointModel, create
@@ -78,6 +79,7 @@ def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
         ratios=tuple(config.ratios),
         bn_mode=config.bn_mode,
         dtype=jnp.dtype(config.dtype),
+        conv_lowering=resolve_conv_lowering(config.conv_lowering),
     )
 
 

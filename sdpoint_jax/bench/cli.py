@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from sdpoint_jax.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
 from sdpoint_jax.datasets import SPECS
 from sdpoint_jax.models import SDPointModel, create
 
@@ -18,11 +19,13 @@ DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What a benchmark measures: a model, the data set fixing its input size and
-    classes, and the compute dtype (parameters stay float32)."""
+    classes, the compute dtype (parameters stay float32) and the convolution lowering
+    (``"auto"``: the fast one for the backend)."""
 
     model_name: str
     dataset: str
     dtype: str
+    conv_lowering: str = "auto"
 
     @property
     def image_size(self) -> int:
@@ -36,15 +39,25 @@ class Target:
     def create_model(self) -> SDPointModel:
         """The model, with the paper's default ratios and per-instance batch norm."""
         num_classes = SPECS[self.dataset].num_classes
-        return create(self.model_name, num_classes=num_classes, dtype=jnp.dtype(self.dtype))
+        return create(
+            self.model_name,
+            num_classes=num_classes,
+            dtype=jnp.dtype(self.dtype),
+            conv_lowering=resolve_conv_lowering(self.conv_lowering),
+        )
 
     def fields(self) -> dict[str, str]:
-        """The ``model``, ``dataset`` and ``dtype`` entries of a result."""
-        return {"model": self.model_name, "dataset": self.dataset, "dtype": self.dtype}
+        """The ``model``, ``dataset``, ``dtype`` and resolved ``conv_lowering`` of a result."""
+        return {
+            "model": self.model_name,
+            "dataset": self.dataset,
+            "dtype": self.dtype,
+            "conv_lowering": resolve_conv_lowering(self.conv_lowering),
+        }
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dataset``, ``--dtype`` and ``--out``."""
+    """``--model``, ``--dataset``, ``--dtype``, ``--conv-lowering`` and ``--out``."""
     parser.add_argument("--model", required=True, help="e.g. wrn-16-1, wrn-28-10, resnet-50")
     parser.add_argument(
         "--dataset",
@@ -56,6 +69,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)"
     )
     parser.add_argument(
+        "--conv-lowering",
+        choices=CONV_LOWERINGS,
+        default="auto",
+        help="auto = matmul_grad on CPU, xla elsewhere (default: %(default)s)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("."), help="output directory (default: current)"
     )
 
@@ -64,7 +83,7 @@ def target_from_args(
     args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> tuple[Target, SDPointModel]:
     """The target and its model; an unknown model name is a usage error."""
-    target = Target(args.model, args.dataset, args.dtype)
+    target = Target(args.model, args.dataset, args.dtype, args.conv_lowering)
     try:
         return target, target.create_model()
     except ValueError as err:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdpoint_jax.conv_lowering import ConvLowering
 from sdpoint_jax.instance import DEFAULT_RATIOS, Instance, InstanceSpace
 from sdpoint_jax.models.layers import GlobalAvgPool, classifier
 from sdpoint_jax.points import SDPointContext
@@ -28,6 +29,8 @@ class SDPointModel(nn.Module, kw_only=True):
       bn_axis_name: mapped axis to average BN batch statistics over (``shard_map``).
       bn_momentum: BN running-statistics momentum (0.9 = PyTorch's 0.1).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+      conv_lowering: ``"xla"`` (default) or ``"matmul_grad"`` (kernel gradients as
+        matrix products, fast on CPU; see :mod:`sdpoint_jax.conv_lowering`).
     """
 
     num_classes: int = 10
@@ -36,6 +39,7 @@ class SDPointModel(nn.Module, kw_only=True):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_lowering: ConvLowering = "xla"
 
     @property
     def num_points(self) -> int:
@@ -55,6 +59,7 @@ class SDPointModel(nn.Module, kw_only=True):
             bn_axis_name=self.bn_axis_name,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
+            conv_lowering=self.conv_lowering,
         )
 
     def head(self, x: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu, conv
+from sdpoint_jax.models.layers import Pool, Relu
 from sdpoint_jax.points import SDPointContext
 
 NUM_BLOCKS = 3
@@ -34,11 +34,10 @@ class DenseLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.ctx.dtype
         y = Relu()(self.ctx.norm(self.index, name="bn1")(x))
-        y = conv(4 * self.growth, 1, dtype=dtype, name="conv1")(y)
+        y = self.ctx.conv(4 * self.growth, 1, name="conv1")(y)
         y = Relu()(self.ctx.norm(self.index, name="bn2")(y))
-        y = conv(self.growth, 3, dtype=dtype, name="conv2")(y)
+        y = self.ctx.conv(self.growth, 3, name="conv2")(y)
         return jnp.concatenate([x, y], axis=-1)
 
 
@@ -52,7 +51,7 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = Relu()(self.ctx.norm(self.index, name="bn")(x))
-        y = conv(self.features, 1, dtype=self.ctx.dtype, name="conv")(y)
+        y = self.ctx.conv(self.features, 1, name="conv")(y)
         return Pool("avg", window=2, stride=2)(y)
 
 
@@ -76,7 +75,7 @@ class DenseNetBC(SDPointModel, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, *, instance: Instance, train: bool) -> jax.Array:
         ctx = self.context(instance, train)
-        x = conv(2 * self.growth, 3, dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        x = ctx.conv(2 * self.growth, 3, name="stem")(x.astype(self.dtype))
         passed = 0  # points passed so far; a layer belongs to block ``passed + 1``
         for block in range(NUM_BLOCKS):
             has_points = block < NUM_BLOCKS - 1

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_kernel_grad
 from sdpoint_jax.pooling import adaptive_avg_pool, adaptive_max_pool
 
 PoolKind = Literal["avg", "max"]
@@ -32,9 +33,14 @@ def conv(
     groups: int = 1,
     use_bias: bool = False,
     dtype: Any = None,
+    lowering: ConvLowering = "xla",
     name: str | None = None,
 ) -> nn.Conv:
-    """A ``kernel x kernel`` convolution padded like PyTorch's ``padding=kernel // 2``."""
+    """A ``kernel x kernel`` convolution padded like PyTorch's ``padding=kernel // 2``.
+
+    ``lowering="matmul_grad"`` computes the kernel gradient as a matrix product (fast
+    on XLA:CPU, see :mod:`sdpoint_jax.conv_lowering`); parameters are the same.
+    """
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -45,6 +51,7 @@ def conv(
         use_bias=use_bias,
         kernel_init=conv_init,
         dtype=dtype,
+        conv_general_dilated=conv_matmul_kernel_grad if lowering == "matmul_grad" else None,
         name=name,
     )
 

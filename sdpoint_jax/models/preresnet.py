@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sdpoint_jax.models.layers import Add, Relu, conv
+from sdpoint_jax.models.layers import Add, Relu
 from sdpoint_jax.models.residual import ResidualBlock, ResidualNet, Shortcut
 
 
@@ -26,9 +26,7 @@ class PreActBlock(ResidualBlock):
         for number, (features, kernel, stride, groups) in enumerate(convs, start=1):
             if number > 1:
                 y = Relu()(ctx.norm(self.index, name=f"bn{number}")(y))
-            y = conv(
-                features, kernel, stride, groups=groups, dtype=ctx.dtype, name=f"conv{number}"
-            )(y)
+            y = ctx.conv(features, kernel, stride, groups=groups, name=f"conv{number}")(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != out:
             shortcut = Shortcut(out, self.stride, self.index, ctx, name="shortcut")(preact)

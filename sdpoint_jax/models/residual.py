@@ -17,7 +17,7 @@ import jax
 
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu, conv
+from sdpoint_jax.models.layers import Pool, Relu
 from sdpoint_jax.points import SDPointContext
 
 # depth -> (block type, blocks per stage)
@@ -85,7 +85,7 @@ class Shortcut(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.stride == 1 and x.shape[-1] == self.features:
             return x
-        x = conv(self.features, 1, self.stride, dtype=self.ctx.dtype, name="conv")(x)
+        x = self.ctx.conv(self.features, 1, self.stride, name="conv")(x)
         return self.ctx.norm(self.index, name="bn")(x)
 
 
@@ -118,7 +118,7 @@ class ResidualNet(SDPointModel, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, *, instance: Instance, train: bool) -> jax.Array:
         ctx = self.context(instance, train)
-        x = conv(64, 7, 2, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = ctx.conv(64, 7, 2, name="stem_conv")(x.astype(self.dtype))
         x = Relu()(ctx.norm(1, name="stem_bn")(x))
         max_pool = Pool("max", window=3, stride=2, padding=1)
         index = int(self.stem_point)

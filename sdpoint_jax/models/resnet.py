@@ -9,7 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sdpoint_jax.models.layers import Add, Relu, conv
+from sdpoint_jax.models.layers import Add, Relu
 from sdpoint_jax.models.residual import ResidualBlock, ResidualNet, Shortcut
 
 
@@ -24,9 +24,7 @@ class PostActBlock(ResidualBlock):
         for number, (features, kernel, stride, groups) in enumerate(convs, start=1):
             if number > 1:
                 y = Relu()(y)
-            y = conv(
-                features, kernel, stride, groups=groups, dtype=ctx.dtype, name=f"conv{number}"
-            )(y)
+            y = ctx.conv(features, kernel, stride, groups=groups, name=f"conv{number}")(y)
             y = ctx.norm(self.index, name=f"bn{number}")(y)
         shortcut = Shortcut(out, self.stride, self.index, ctx, name="shortcut")(x)
         y = ctx.point(Add()(y, shortcut), self.index)

@@ -15,7 +15,7 @@ import jax
 
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu, conv
+from sdpoint_jax.models.layers import Pool, Relu
 
 POOL = "M"
 CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -53,7 +53,7 @@ class VGG(SDPointModel, kw_only=True):
                 x = Pool("max", window=2, stride=2, ceil_mode=True)(x)
                 continue
             index += 1
-            x = conv(item, 3, use_bias=True, dtype=self.dtype, name=f"conv{index}")(x)
+            x = ctx.conv(item, 3, use_bias=True, name=f"conv{index}")(x)
             x = Relu()(ctx.norm(index, name=f"bn{index}")(x))
             x = ctx.point(x, index)
         return self.head(x)

@@ -14,7 +14,7 @@ import jax
 
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Add, Relu, conv
+from sdpoint_jax.models.layers import Add, Relu
 from sdpoint_jax.points import SDPointContext
 
 
@@ -29,14 +29,13 @@ class PreActBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.ctx.dtype
         preact = Relu()(self.ctx.norm(self.index, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, 1, self.stride, dtype=dtype, name="shortcut")(preact)
-        y = conv(self.features, 3, self.stride, dtype=dtype, name="conv1")(preact)
+            shortcut = self.ctx.conv(self.features, 1, self.stride, name="shortcut")(preact)
+        y = self.ctx.conv(self.features, 3, self.stride, name="conv1")(preact)
         y = Relu()(self.ctx.norm(self.index, name="bn2")(y))
-        y = conv(self.features, 3, dtype=dtype, name="conv2")(y)
+        y = self.ctx.conv(self.features, 3, name="conv2")(y)
         return Add()(y, shortcut)
 
 
@@ -59,7 +58,7 @@ class WideResNet(SDPointModel, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, *, instance: Instance, train: bool) -> jax.Array:
         ctx = self.context(instance, train)
-        x = conv(16, 3, dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        x = ctx.conv(16, 3, name="stem")(x.astype(self.dtype))
         index = 0
         for stage, base in enumerate((16, 32, 64)):
             for block in range(self.blocks_per_stage):
