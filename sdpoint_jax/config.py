@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.dataset = "cifar10"
     c.data_dir = config_dict.placeholder(str)  # None: TFDS_DATA_DIR, then tfds's default
+    c.train_split = config_dict.placeholder(str)  # None: the data set's; or "train[:45000]"
     c.model = "wrn-16-1"
     c.sdpoint = True
     c.ratios = (0.5, 0.75)
@@ -47,6 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
     # training (False: evaluation preprocessing)
     c.calibration_batches = 8
     c.calibration_augment = True
+    # comparison methods (python -m sdpoint_jax.compare)
+    c.methods = ("baseline", "sdpoint")
+    c.ms_min_size, c.ms_max_size = 16, 32  # multiscale training input sizes
+    c.ofa_temperature, c.ofa_alpha = 1.0, 0.1  # one-for-all distillation (early exits)
+    c.dropout_rate = 0.3  # WRN dropout between the convs of each block
+    c.stochastic_depth = 0.5  # drop rate of the last block, linear decay
+    c.stochastic_passes = 0  # >0: also stochastic inference averaged over this many passes
+    c.holdout_split = config_dict.placeholder(str)  # fits early-exit budget thresholds
+    c.budget_points = 8  # budgeted early-exit inference: average-cost targets
     return c
 
 

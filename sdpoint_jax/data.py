@@ -19,6 +19,7 @@ downloaded) raises :class:`DatasetUnavailableError` before any pipeline is built
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -31,6 +32,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sdpoint_jax.datasets import DatasetSpec, dataset_spec
+
+
+def _training_spec(name: str, train_split: str | None) -> DatasetSpec:
+    """``name``'s spec, training on ``train_split`` when given (e.g. ``"train[:45000]"``,
+    keeping ``"train[45000:]"`` held out)."""
+    spec = dataset_spec(name)
+    return spec if train_split is None else dataclasses.replace(spec, train_split=train_split)
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -211,9 +219,15 @@ def _steps_per_epoch(
     return steps
 
 
-def steps_per_epoch(name: str, global_batch_size: int, data_dir: PathLike | None = None) -> int:
-    """Full training steps per epoch: ``num_train_examples // global_batch_size``."""
-    spec = dataset_spec(name)
+def steps_per_epoch(
+    name: str,
+    global_batch_size: int,
+    data_dir: PathLike | None = None,
+    train_split: str | None = None,
+) -> int:
+    """Full training steps per epoch: ``num_train_examples // global_batch_size``
+    (``train_split``: the training split, default the data set's)."""
+    spec = _training_spec(name, train_split)
     _host_batch_size(global_batch_size)
     builder = _prepared_builder(spec, data_dir, download=False)
     return _steps_per_epoch(builder, spec, global_batch_size)
@@ -412,8 +426,10 @@ def train_batches(
     start_step: int = 0,
     data_dir: PathLike | None = None,
     download: bool = False,
+    train_split: str | None = None,
 ) -> Iterator[Batch]:
-    """Endless, deterministic stream of augmented training batches for this process.
+    """Endless, deterministic stream of augmented training batches for this process
+    (from ``train_split``, default the data set's training split).
 
     Yields ``{"image": float32 [B, S, S, 3], "label": int32 [B]}`` with
     ``B = global_batch_size // jax.process_count()``. The k-th yielded batch is global step
@@ -426,7 +442,7 @@ def train_batches(
         does not split over the processes or exceeds the training split.
       DatasetUnavailableError: the data set is not prepared and cannot be downloaded.
     """
-    spec = dataset_spec(name)
+    spec = _training_spec(name, train_split)
     batch_size = _host_batch_size(global_batch_size)
     _check_seed(seed)
     if start_step < 0:
@@ -510,8 +526,10 @@ def calibration_batches(
     data_dir: PathLike | None = None,
     download: bool = False,
     augment: bool = True,
+    train_split: str | None = None,
 ) -> list[Batch]:
-    """A fixed, seeded sample of training batches, for recomputing batch-norm statistics.
+    """A fixed, seeded sample of training batches, for recomputing batch-norm statistics
+    (from ``train_split``, default the data set's training split).
 
     ``num_batches`` dicts ``{"image": float32 [B, S, S, 3], "label": int32 [B]}`` (``B``
     as in :func:`train_batches`) of distinct training examples; the same ``seed`` always
@@ -524,7 +542,7 @@ def calibration_batches(
     Raises: ValueError for bad arguments or more examples than this process's part of the
     training split, DatasetUnavailableError if the data set cannot be read.
     """
-    spec = dataset_spec(name)
+    spec = _training_spec(name, train_split)
     batch_size = _host_batch_size(global_batch_size)
     _check_seed(seed)
     if num_batches <= 0:

@@ -42,6 +42,7 @@ from sdpoint_jax.programs import InstancePrograms
 # Config entries that must not change when a run is resumed.
 RESUME_INVARIANTS = (
     "dataset",
+    "train_split",
     "model",
     "sdpoint",
     "ratios",
@@ -206,7 +207,9 @@ class Run:
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         mesh = parallel.create_mesh()
         parallel.check_batch_size(config.batch_size, mesh)
-        steps = data.steps_per_epoch(config.dataset, config.batch_size, config.data_dir)
+        steps = data.steps_per_epoch(
+            config.dataset, config.batch_size, config.data_dir, config.train_split
+        )
         model = create_model(config)
         return cls(config, Path(workdir), model, mesh, create_optimizer(config, steps), steps)
 
@@ -277,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         seed=config.seed,
         start_step=start,
         data_dir=config.data_dir,
+        train_split=config.train_split,
     )
     logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     draws = Counter(draws)

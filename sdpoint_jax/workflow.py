@@ -40,6 +40,7 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
         seed=config.seed,
         data_dir=config.data_dir,
         augment=config.calibration_augment,
+        train_split=config.train_split,
     )
     print(
         f"calibrating {len(run.model.space)} instances of step {step} on "
@@ -60,7 +61,7 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
     return calibrated
 
 
-def _state_for_evaluation(run: Run) -> tuple[TrainState, str]:
+def state_for_evaluation(run: Run) -> tuple[TrainState, str]:
     """The calibrated state if it belongs to the latest training step, else the
     training checkpoint (running-average statistics)."""
     with run.checkpoints() as manager:
@@ -80,7 +81,7 @@ def evaluate_run(
     """Top-1/top-5 error of every instance with instance BN and UBN; writes
     ``results.csv``, ``results.json`` and ``cost_error.png``."""
     run = Run.create(config, workdir)
-    state, source = _state_for_evaluation(run)
+    state, source = state_for_evaluation(run)
     chosen = run.model.space.parse_list(instances)
     bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
     print(f"evaluating {len(chosen)} instances x {bn_modes} at step {int(state.step)}, {source}")
