@@ -1,0 +1,48 @@
+"""``python -m sdpoint_jax.compare --config experiments/configs/compare_*.py --workdir DIR``.
+
+Trains every method named in ``config.methods`` with identical data, schedule and seed
+(each in ``WORKDIR/<method>/``, resumable), evaluates every cost setting of each, and
+writes ``WORKDIR/compare.csv`` and ``WORKDIR/compare.png`` (error against GFLOPs, a
+line per method). Config fields can be overridden: ``--config.num_epochs=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdpoint_jax import parallel
+from sdpoint_jax.checkpoint import CheckpointError
+from sdpoint_jax.data import DatasetUnavailableError
+from sdpoint_jax.programs import enable_compilation_cache
+
+config_flags.DEFINE_config_file("config", None, "Comparison configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.config is None or not FLAGS.workdir:
+        raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)
+    parallel.initialize_distributed()
+    from sdpoint_jax.compare.run import run_comparison
+
+    enable_compilation_cache(FLAGS.config.compile_cache_dir)
+    try:
+        run_comparison(FLAGS.config, FLAGS.workdir)
+    except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,306 @@
+"""Early exits (EE) as a comparison method, the IMTA training techniques, and budgeted
+inference.
+
+:class:`EarlyExitMethod` trains :class:`~sdpoint_jax.models.early_exit.EarlyExitWRN`
+jointly: every step computes all ``k`` exits and minimises the sum of their
+cross-entropy losses (MSDNet's Eq. 1 with all weights 1, IMTA Sect. 3.1), so
+:meth:`~EarlyExitMethod.train_setting` is ``None``. Its settings are the exit indices
+``1..k``: every sample exits at the same branch, as in the SDPoint paper's EE baseline
+(Sect. 6.1.1 (i)).
+
+The three techniques of Li et al., "Improved Techniques for Training Adaptive Deep
+Networks" (ICCV 2019) are switches:
+
+* ``ge`` and ``isc`` (Gradient Equilibrium, Inline Subnetwork Collaboration) live in the
+  model, see :mod:`sdpoint_jax.models.early_exit`;
+* ``ofa``, One-for-all Knowledge Distillation (Sect. 3.3, Eq. 7-8): the last exit
+  teaches every earlier one,
+  ``L = CE_k + sum_{i<k} [(1 - alpha) CE_i + alpha T^2 KL(p_k^T || p_i^T)]`` with
+  ``p^T = softmax(logits / T)`` and the teacher's logits gradient-stopped (the authors'
+  code detaches the soft targets). Eq. 7 writes ``L_i = a CE_i + (1 - a) KLD_i``; our
+  ``alpha`` is the distillation weight ``1 - a`` (the code's ``gamma``), and the
+  ``T^2`` factor (Hinton et al.) is the authors' code's. The paper states no values;
+  the defaults ``T = 1``, ``alpha = 0.1`` are those of the authors' released training
+  script (``run_IMTA.sh``; their ``args.py`` defaults are ``T = 3``, ``gamma = 0.9``).
+  KL is summed over classes and averaged over the batch (the code's ``KLDivLoss()``
+  also averaged over classes, shrinking the term by the number of classes).
+
+Deviation from IMTA's schedule: the paper trains with GE first and then fine-tunes only
+the classifiers with ISC and OFA (two phases); the comparison trains every method with
+one schedule, so all enabled techniques act jointly from the first step.
+
+Budgeted inference (MSDNet, Huang et al. ICLR 2018, Sect. 5; IMTA Sect. 4): a sample
+leaves at the first exit whose top softmax probability reaches that exit's threshold.
+:func:`fit_thresholds` picks thresholds on held-out training data for a target average
+cost, :func:`budgeted_eval` applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from sdpoint_jax.compare.method import Method, Variables
+from sdpoint_jax.conv_lowering import ConvLowering
+from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_ALPHA = 0.1
+
+
+def ofa_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """``KL(softmax(teacher / T) || softmax(student / T))`` per sample: logits
+    ``(B, classes)`` -> ``(B,)``, zero iff the tempered distributions agree. Gradients
+    flow into both arguments; the caller stops the teacher's."""
+    teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+def joint_loss(
+    logits: Sequence[jax.Array],
+    labels: jax.Array,
+    *,
+    ofa: bool = False,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
+) -> jax.Array:
+    """Joint training loss of exits ``1..k`` (scalar).
+
+    Args:
+      logits: the exits' logits, each ``(B, classes)``, last = the teacher.
+      labels: integer labels ``(B,)``.
+      ofa: without it, ``sum_i CE_i``; with it, the One-for-all loss of the module
+        docstring.
+      temperature, alpha: ``T`` and the distillation weight.
+    """
+    ce = [optax.softmax_cross_entropy_with_integer_labels(z, labels).mean() for z in logits]
+    if not ofa:
+        return sum(ce[1:], ce[0])
+    teacher = lax.stop_gradient(logits[-1])
+    loss = ce[-1]
+    for student, student_ce in zip(logits[:-1], ce[:-1], strict=True):
+        kd = ofa_kl(student, teacher, temperature).mean()
+        loss = loss + (1.0 - alpha) * student_ce + alpha * temperature**2 * kd
+    return loss
+
+
+class EarlyExitMethod(Method):
+    """Early-exit WRN-``depth``-``width``; settings are exit indices ``1..k``.
+
+    Args:
+      depth, width, num_classes: the WRN (``depth = 6n + 4``).
+      ge, isc, ofa: the IMTA techniques (module docstring).
+      temperature, alpha: OFA's ``T > 0`` and distillation weight in ``[0, 1]``.
+      conv_lowering: see :mod:`sdpoint_jax.conv_lowering`.
+      name: default ``"ee"`` followed by the enabled techniques, e.g. ``"ee-ge-isc-ofa"``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        num_classes: int,
+        *,
+        ge: bool = False,
+        isc: bool = False,
+        ofa: bool = False,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        conv_lowering: ConvLowering = "xla",
+        name: str | None = None,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.model = early_exit_wrn(
+            depth, width, num_classes, ge=ge, isc=isc, conv_lowering=conv_lowering
+        )
+        self.ofa = ofa
+        self.temperature = temperature
+        self.alpha = alpha
+        techniques = [t for t, on in (("ge", ge), ("isc", isc), ("ofa", ofa)) if on]
+        self.name = name or "-".join(["ee", *techniques])
+
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    def init_variables(self, key: jax.Array, image_size: int) -> Variables:
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        return dict(self.model.init(key, images, train=False))
+
+    def train_setting(self, seed: int, step: int) -> None:
+        return None
+
+    def loss(
+        self,
+        params: Any,
+        variables: Variables,
+        batch: dict[str, jax.Array],
+        setting: None,
+        key: jax.Array,
+    ) -> tuple[jax.Array, tuple[Variables, jax.Array]]:
+        """:func:`joint_loss` of every exit; the logged logits are the last exit's."""
+        logits, updates = self.model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = joint_loss(
+            logits,
+            batch["label"],
+            ofa=self.ofa,
+            temperature=self.temperature,
+            alpha=self.alpha,
+        )
+        return loss, (dict(updates), logits[-1])
+
+    def eval_settings(self) -> list[int]:
+        return list(range(1, self.num_exits + 1))
+
+    def logits(self, variables: Variables, images: jax.Array, setting: int) -> jax.Array:
+        """Exit ``setting``'s logits ``(B, classes)``, computing only what it needs."""
+        return self.model.apply(variables, images, train=False, up_to=setting)
+
+    def exit_probabilities(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Softmax probabilities of every exit, ``(k, B, classes)``: the input of
+        :func:`fit_thresholds` and :func:`budgeted_eval`."""
+        logits = self.model.apply(variables, images, train=False)
+        return jax.nn.softmax(jnp.stack(logits), axis=-1)
+
+    def gflops(self, setting: int, image_size: int) -> float:
+        """GFLOPs of one image exiting at ``setting`` (only what that exit needs)."""
+        return count_exit_flops(self.model, setting, (image_size, image_size)) / 1e9
+
+    def exit_gflops(self, image_size: int) -> np.ndarray:
+        """GFLOPs ``(k,)`` of one image leaving at each exit in budgeted inference,
+        where exits ``1..i-1`` were evaluated before exit ``i``: the ``exit_gflops`` of
+        :func:`fit_thresholds` and :func:`budgeted_eval`."""
+        hw = (image_size, image_size)
+        return np.array(
+            [count_exit_flops(self.model, i, hw, cascade=True) / 1e9 for i in self.eval_settings()]
+        )
+
+    def describe(self, setting: int) -> str:
+        return f"exit {setting}"
+
+
+def geometric_exit_distribution(log_p: float, num_exits: int) -> np.ndarray:
+    """MSDNet's exit distribution ``q_i ∝ p^i`` (``i = 1..k``) as ``(k,)`` probabilities,
+    computed from ``log p`` in log space (stable for any ``p > 0``)."""
+    logits = log_p * np.arange(1, num_exits + 1, dtype=np.float64)
+    q = np.exp(logits - logits.max())
+    return q / q.sum()
+
+
+def fit_thresholds(
+    probs_per_exit: np.ndarray,
+    exit_gflops: np.ndarray | Sequence[float],
+    target_avg_gflops: float,
+) -> np.ndarray:
+    """Confidence thresholds for a target average cost (MSDNet's budgeted batch
+    classification, as in the authors' and IMTA's ``dynamic_eval_find_threshold``).
+
+    1. The fraction of samples leaving at exit ``i`` follows ``q_i ∝ p^i``; ``p`` is
+       found by bisection (on ``log p``) so that ``sum_i q_i * exit_gflops[i]`` equals
+       the target.
+    2. Going through exits ``1..k-1``, the threshold of exit ``i`` is the top softmax
+       probability of the ``m``-th most confident sample still unexited, ``m`` being
+       the number the quota ``round(N * (q_1 + .. + q_i))`` leaves for exit ``i``
+       (``+inf`` when it is 0). Cumulative rounding keeps the fit set's realised
+       exit fractions within ``1 / N`` of ``q`` (MSDNet floors each quota separately).
+       Ties at a threshold let a few more samples exit.
+
+    Args:
+      probs_per_exit: softmax probabilities ``(k, N, classes)`` of a held-out part of
+        the training set.
+      exit_gflops: ``(k,)`` cost of a sample leaving at each exit (for a cascade:
+        :meth:`EarlyExitMethod.exit_gflops`).
+      target_avg_gflops: the target, between the limits ``exit_gflops[0]`` (every
+        sample leaves at exit 1) and ``exit_gflops[-1]`` (every sample at exit ``k``).
+
+    Returns:
+      thresholds ``(k,)``; the last is ``-inf`` (exit ``k`` takes every sample left).
+    """
+    probs = np.asarray(probs_per_exit, dtype=np.float64)
+    costs = np.asarray(exit_gflops, dtype=np.float64)
+    if probs.ndim != 3 or costs.shape != probs.shape[:1]:
+        raise ValueError(
+            f"need probs (k, N, classes) and exit_gflops (k,), got {probs.shape} and {costs.shape}"
+        )
+    low, high = sorted((costs[0], costs[-1]))
+    if not low <= target_avg_gflops <= high:
+        raise ValueError(
+            f"target {target_avg_gflops} GFLOPs outside [{low}, {high}], the costs of "
+            f"sending every sample to the first or to the last exit"
+        )
+    k, n = probs.shape[:2]
+
+    def expected_cost(log_p: float) -> float:
+        return float(geometric_exit_distribution(log_p, k) @ costs)
+
+    # log p = -/+ 60 put all but ~e^-60 of the mass on the first/last exit
+    lo, hi = -60.0, 60.0
+    increasing = expected_cost(hi) >= expected_cost(lo)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if (expected_cost(mid) < target_avg_gflops) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    q = geometric_exit_distribution(0.5 * (lo + hi), k)
+
+    confidence = probs.max(axis=-1)
+    quota = np.rint(np.cumsum(q) * n).astype(np.int64)
+    thresholds = np.full(k, -np.inf)
+    remaining = np.ones(n, dtype=bool)
+    for i in range(k - 1):
+        take = min(quota[i] - (n - int(remaining.sum())), int(remaining.sum()))
+        if take <= 0:
+            thresholds[i] = np.inf
+            continue
+        thresholds[i] = np.sort(confidence[i, remaining])[::-1][take - 1]
+        remaining &= confidence[i] < thresholds[i]
+    return thresholds
+
+
+def budgeted_eval(
+    probs_per_exit: np.ndarray,
+    labels: np.ndarray,
+    thresholds: np.ndarray | Sequence[float],
+    exit_gflops: np.ndarray | Sequence[float],
+) -> tuple[float, float]:
+    """Average GFLOPs and top-1 error (%) when each sample leaves at the first exit
+    whose top softmax probability is ``>=`` its threshold (the last exit takes every
+    sample left, whatever its threshold).
+
+    Args:
+      probs_per_exit: softmax probabilities ``(k, N, classes)``.
+      labels: integer labels ``(N,)``.
+      thresholds: ``(k,)``, e.g. from :func:`fit_thresholds`.
+      exit_gflops: ``(k,)`` cost of leaving at each exit.
+    """
+    probs = np.asarray(probs_per_exit)
+    labels = np.asarray(labels)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    costs = np.asarray(exit_gflops, dtype=np.float64)
+    k, n = probs.shape[:2]
+    if labels.shape != (n,) or thresholds.shape != (k,) or costs.shape != (k,):
+        raise ValueError(
+            f"probs {probs.shape} need labels ({n},), thresholds and exit_gflops ({k},); "
+            f"got {labels.shape}, {thresholds.shape}, {costs.shape}"
+        )
+    leaves = probs.max(axis=-1) >= thresholds[:, None]
+    leaves[-1] = True
+    exit_of = np.argmax(leaves, axis=0)
+    predictions = np.argmax(probs[exit_of, np.arange(n)], axis=-1)
+    return float(costs[exit_of].mean()), float(100.0 * np.mean(predictions != labels))

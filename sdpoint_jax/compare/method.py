@@ -1,0 +1,115 @@
+"""What the comparison harness needs from a way of getting cost-adjustable inference.
+
+A :class:`Method` (SDPoint, early exits, multiscale training, a regularised baseline,
+...) is trained and evaluated by one generic loop (:mod:`sdpoint_jax.compare.trainer`)
+on identical data, schedule and seed. Its cost settings ("settings": an SDPoint
+instance, an exit index, an input size) are hashable and static: each setting is its
+own XLA program, like an SDPoint instance.
+
+Variables are ``{"params": ..., <other collections>}``; only ``"params"`` is trained by
+the optimizer, the other collections (batch-norm statistics) are returned by
+:meth:`Method.loss`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+Setting = Hashable
+Variables = dict[str, Any]
+
+
+class Method(abc.ABC):
+    """One method of the comparison.
+
+    Attributes:
+      name: short name used in ``compare.csv`` and the plot legend (e.g. ``"sdpoint"``).
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def init_variables(self, key: jax.Array, image_size: int) -> Variables:
+        """Fresh variables for square images of side ``image_size``."""
+
+    @abc.abstractmethod
+    def train_setting(self, seed: int, step: int) -> Setting:
+        """The static setting of training step ``step``: a pure function of
+        ``(seed, step)``, so a resumed run draws what an uninterrupted one draws."""
+
+    @abc.abstractmethod
+    def loss(
+        self,
+        params: Any,
+        variables: Variables,
+        batch: dict[str, jax.Array],
+        setting: Setting,
+        key: jax.Array,
+    ) -> tuple[jax.Array, tuple[Variables, jax.Array]]:
+        """Training loss of ``batch`` (``image (B, S, S, 3)``, ``label (B,)``) at
+        ``setting``; traced under ``jit`` with ``setting`` static.
+
+        Args:
+          params: the parameters being differentiated.
+          variables: all current variables (its ``"params"`` entry is stale: use
+            ``params``).
+          key: randomness of this step (dropout, stochastic depth, ...).
+
+        Returns:
+          ``(loss, (updated non-param collections, logits (B, classes)))``; the logits
+          (of the method's main output) give the logged training accuracy.
+        """
+
+    @abc.abstractmethod
+    def eval_settings(self) -> Sequence[Setting]:
+        """Every setting evaluated at inference, cheapest or most expensive first."""
+
+    @abc.abstractmethod
+    def logits(self, variables: Variables, images: jax.Array, setting: Setting) -> jax.Array:
+        """Deterministic inference logits ``(B, classes)`` of ``images``
+        ``(B, S, S, 3)`` at ``setting`` (traced under ``jit``, ``setting`` static)."""
+
+    @abc.abstractmethod
+    def gflops(self, setting: Setting, image_size: int) -> float:
+        """GFLOPs of one image at ``setting`` (the project's FLOPs counter)."""
+
+    def describe(self, setting: Setting) -> str:
+        """Human-readable setting for tables and ``compare.csv``."""
+        return str(setting)
+
+    def stochastic_probabilities(
+        self, variables: Variables, images: jax.Array, key: jax.Array, passes: int
+    ) -> jax.Array:
+        """Stochastic inference (paper Table 2): mean softmax probabilities ``(B,
+        classes)`` over ``passes`` random forward passes, a deterministic function of
+        ``key``. Methods without it keep this default; see
+        :meth:`has_stochastic_inference`."""
+        raise NotImplementedError(f"{self.name} has no stochastic inference")
+
+    def exit_probabilities(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Budgeted (confidence-threshold) inference over a cascade of exits: softmax
+        probabilities ``(k, B, classes)`` of the ``k`` exits in cascade order. Methods
+        without exits keep this default; see :meth:`has_exits`."""
+        raise NotImplementedError(f"{self.name} has no exits")
+
+    def exit_gflops(self, image_size: int) -> np.ndarray:
+        """``(k,)`` GFLOPs of an image leaving the cascade at each exit."""
+        raise NotImplementedError(f"{self.name} has no exits")
+
+    def has_stochastic_inference(self) -> bool:
+        """Whether :meth:`stochastic_probabilities` is implemented (and meaningful)."""
+        return type(self).stochastic_probabilities is not Method.stochastic_probabilities
+
+    def has_exits(self) -> bool:
+        """Whether budgeted inference over exits is implemented."""
+        return type(self).exit_probabilities is not Method.exit_probabilities
+
+    def curve(self, setting: Setting) -> str:
+        """The plotted line ``setting`` belongs to (default: the method's name; one
+        trained method may give several, e.g. SDPoint with instance BN and with UBN)."""
+        return self.name

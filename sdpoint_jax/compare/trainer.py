@@ -1,0 +1,261 @@
+"""One training and evaluation loop for every method of the comparison.
+
+Every method sees the same data stream (``data.train_batches`` with the config's seed),
+the same optimizer and learning-rate schedule (:func:`sdpoint_jax.train.create_optimizer`)
+and the same number of steps; only :class:`~sdpoint_jax.compare.method.Method` differs.
+Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
+every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
+method finished, skips straight to evaluation: nothing trained is lost.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from sdpoint_jax import data, parallel
+from sdpoint_jax.checkpoint import CheckpointManager
+from sdpoint_jax.compare.early_exit import budgeted_eval, fit_thresholds
+from sdpoint_jax.compare.method import Method, Setting, Variables
+from sdpoint_jax.train import create_optimizer
+
+Row = dict[str, Any]
+
+
+def _train_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    method: Method,
+    tx: optax.GradientTransformation,
+    setting: Setting,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One SGD step; ``state`` is ``{"step", "variables", "opt_state"}``."""
+    variables = state["variables"]
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    (loss, (collections, logits)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+        variables["params"], variables, batch, setting, key
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], variables["params"])
+    new_variables = {
+        **variables,
+        **collections,
+        "params": optax.apply_updates(variables["params"], updates),
+    }
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    new_state = {"step": state["step"] + 1, "variables": new_variables, "opt_state": opt_state}
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def _sharded(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh) -> Iterator[dict]:
+    for batch in batches:
+        yield parallel.shard_batch(batch, mesh)
+
+
+def train_method(
+    method: Method,
+    config: ml_collections.ConfigDict,
+    directory: Path,
+    mesh: Mesh,
+) -> Variables:
+    """Trains ``method`` for ``config.num_epochs`` (or ``config.max_steps``) and returns
+    its variables, resuming from ``directory/checkpoints`` when a checkpoint exists."""
+    spec = data.dataset_spec(config.dataset)
+    steps_per_epoch = data.steps_per_epoch(
+        config.dataset, config.batch_size, config.data_dir, config.train_split
+    )
+    total = int(config.num_epochs * steps_per_epoch)
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    tx = create_optimizer(config, steps_per_epoch)
+    variables = method.init_variables(jax.random.key(config.seed), spec.image_size)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "variables": variables,
+        "opt_state": tx.init(variables["params"]),
+    }
+    state = parallel.replicate(state, mesh)
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    with CheckpointManager(directory / "checkpoints", keep_last=1) as manager:
+        if manager.latest_step() is not None:
+            state, _, _ = manager.restore(state)
+        start = int(state["step"])
+        if start >= total:
+            return state["variables"]
+        programs: dict[Setting, Any] = {}
+        batches = data.train_batches(
+            config.dataset,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start,
+            data_dir=config.data_dir,
+            train_split=config.train_split,
+        )
+        bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step")
+        for step, batch in zip(range(start, total), _sharded(batches, mesh), strict=False):
+            setting = method.train_setting(config.seed, step)
+            if setting not in programs:
+                programs[setting] = jax.jit(
+                    functools.partial(
+                        _train_step, method=method, tx=tx, setting=setting, seed=config.seed
+                    ),
+                    in_shardings=(replicated, batch_sharding),
+                    out_shardings=(replicated, replicated),
+                    donate_argnums=0,
+                )
+            state, metrics = programs[setting](state, batch)
+            if (step + 1) % config.log_every_steps == 0:
+                bar.set_postfix(
+                    loss=f"{float(metrics['loss']):.3f}", acc=f"{float(metrics['accuracy']):.3f}"
+                )
+            bar.update()
+            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+                manager.save(step + 1, state, config=config.to_dict())
+        bar.close()
+    return state["variables"]
+
+
+def _outputs(
+    fn: Any,
+    variables: Variables,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    split: str | None,
+    desc: str,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Runs ``fn(variables, images) -> tuple of arrays (..., B, ...)`` over ``split`` and
+    returns, per output, the real examples' values concatenated on the batch axis
+    (axis ``-2``), and the labels ``(N,)``."""
+    outputs: list[list[np.ndarray]] = []
+    labels = []
+    batches = data.eval_batches(
+        config.dataset,
+        global_batch_size=config.eval_batch_size,
+        split=split,
+        data_dir=config.data_dir,
+    )
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        real = batch["mask"] > 0
+        placed = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
+        values = fn(variables, placed)
+        if not outputs:
+            outputs = [[] for _ in values]
+        for store, value in zip(outputs, values, strict=True):
+            store.append(np.asarray(value)[..., real, :])
+        labels.append(batch["label"][real])
+    return [np.concatenate(store, axis=-2) for store in outputs], np.concatenate(labels)
+
+
+def _error(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(np.mean(np.argmax(probabilities, -1) != labels))
+
+
+def evaluate_method(
+    method: Method,
+    variables: Variables,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> list[Row]:
+    """Top-1 error (%) and GFLOPs per image of ``method`` on the evaluation split.
+
+    Rows (``kind``): one per eval setting (``"setting"``); with
+    ``config.stochastic_passes > 0`` and a method that has stochastic inference, one
+    ``"stochastic"`` row (mean softmax over that many random passes; GFLOPs = the
+    passes' total); for a method with exits and a ``config.holdout_split``, one
+    ``"budgeted"`` row per target of ``config.budget_points`` evenly spaced average
+    costs (confidence thresholds fit on the held-out split, applied to the eval split).
+    """
+    spec = data.dataset_spec(config.dataset)
+    settings = list(method.eval_settings())
+    placed = parallel.replicate(variables, mesh)
+
+    @functools.partial(jax.jit, static_argnames="setting")
+    def predict(variables: Variables, images: jax.Array, setting: Setting) -> jax.Array:
+        return jnp.argmax(method.logits(variables, images, setting), -1)[:, None]
+
+    def per_setting(variables: Variables, images: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(predict(variables, images, setting=setting) for setting in settings)
+
+    predictions, labels = _outputs(
+        per_setting, placed, config, mesh, config.eval_split, f"evaluate {method.name}"
+    )
+    rows = [
+        {
+            "method": method.name,
+            "curve": method.curve(setting),
+            "kind": "setting",
+            "setting": method.describe(setting),
+            "gflops": method.gflops(setting, spec.image_size),
+            "top1_error": 100.0 * float(np.mean(predicted[:, 0] != labels)),
+            "examples": len(labels),
+        }
+        for setting, predicted in zip(settings, predictions, strict=True)
+    ]
+    if config.stochastic_passes > 0 and method.has_stochastic_inference():
+        passes = config.stochastic_passes
+        key = jax.random.key(config.seed)
+        (probabilities,), labels = _outputs(
+            lambda v, images: (method.stochastic_probabilities(v, images, key, passes),),
+            placed,
+            config,
+            mesh,
+            config.eval_split,
+            f"stochastic inference {method.name}",
+        )
+        mean_gflops = np.mean([method.gflops(s, spec.image_size) for s in settings])
+        rows.append(
+            {
+                "method": method.name,
+                "curve": f"{method.name}-stochastic",
+                "kind": "stochastic",
+                "setting": f"{passes} passes",
+                "gflops": float(passes * mean_gflops),
+                "top1_error": _error(probabilities, labels),
+                "examples": len(labels),
+            }
+        )
+    if config.holdout_split and method.has_exits():
+        rows += _budgeted_rows(method, placed, config, mesh)
+    return rows
+
+
+def _budgeted_rows(
+    method: Method, variables: Variables, config: ml_collections.ConfigDict, mesh: Mesh
+) -> list[Row]:
+    """Budgeted inference (MSDNet/IMTA): thresholds fit on ``config.holdout_split`` for
+    each target average cost, error and average cost measured on the eval split."""
+    exit_gflops = method.exit_gflops(data.dataset_spec(config.dataset).image_size)
+    fn = jax.jit(lambda v, images: (method.exit_probabilities(v, images),))
+    (fit_probs,), _ = _outputs(
+        fn, variables, config, mesh, config.holdout_split, f"fit thresholds {method.name}"
+    )
+    (test_probs,), labels = _outputs(
+        fn, variables, config, mesh, config.eval_split, f"budgeted {method.name}"
+    )
+    rows = []
+    for target in np.linspace(exit_gflops[0], exit_gflops[-1], config.budget_points + 2)[1:-1]:
+        thresholds = fit_thresholds(fit_probs, exit_gflops, float(target))
+        gflops, error = budgeted_eval(test_probs, labels, thresholds, exit_gflops)
+        rows.append(
+            {
+                "method": method.name,
+                "curve": f"{method.name}-budgeted",
+                "kind": "budgeted",
+                "setting": f"target {target:.4f}",
+                "gflops": float(gflops),
+                "top1_error": float(error),
+                "examples": len(labels),
+            }
+        )
+    return rows

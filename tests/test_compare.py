@@ -1,0 +1,92 @@
+"""The comparison harness end to end on CIFAR-10 (tiny WRN, 4 steps, 64 test images).
+
+Real data rather than ``tfds.testing.mock_data``: the mock swaps the file system for
+the whole process while a data set is opened, which races with checkpoint writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from sdpoint_jax.compare.methods import BUILDERS, build_method
+from sdpoint_jax.compare.run import run_comparison
+from sdpoint_jax.config import cifar_config
+from sdpoint_jax.instance import Instance
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
+EVAL_EXAMPLES = 64
+pytestmark = pytest.mark.skipif(
+    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 not prepared in {DATA_DIR}"
+)
+
+
+def tiny_config(methods: tuple[str, ...]):
+    config = cifar_config("wrn-10-1", "cifar10")
+    config.data_dir = str(DATA_DIR)
+    config.batch_size = 16
+    config.max_steps = 4
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.eval_batch_size = 32
+    config.eval_split = f"test[:{EVAL_EXAMPLES}]"
+    config.train_split = "train[64:]"
+    config.holdout_split = "train[:64]"
+    config.budget_points = 3
+    config.stochastic_passes = 3
+    config.methods = methods
+    return config
+
+
+def test_compare_trains_evaluates_and_reports_every_method(tmp_path):
+    methods = tuple(BUILDERS)
+    config = tiny_config(methods)
+    rows = run_comparison(config, tmp_path)
+
+    with open(tmp_path / "compare.csv") as file:
+        written = list(csv.DictReader(file))
+    assert len(written) == len(rows)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    for name in methods:
+        method = build_method(name, config)
+        method_rows = [row for row in rows if row["method"] == name and row["kind"] == "setting"]
+        assert [row["setting"] for row in method_rows] == [
+            method.describe(setting) for setting in method.eval_settings()
+        ]
+        for row in method_rows:
+            assert row["examples"] == EVAL_EXAMPLES
+            assert 0.0 <= row["top1_error"] <= 100.0
+            assert row["gflops"] > 0
+        # every method trained for the same 4 steps, checkpointed at its end
+        assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == ["4"]
+    kinds = {(row["method"], row["kind"]) for row in rows}
+    stochastic = {"sdpoint", "dropout", "stochastic-depth"}
+    assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
+    assert {m for m, kind in kinds if kind == "budgeted"} == {"ee", "ee-ge-isc-ofa"}
+    for row in rows:
+        if row["kind"] == "budgeted":  # average cost between the first and the last exit
+            ee = build_method(row["method"], config).exit_gflops(32)
+            assert ee[0] <= row["gflops"] <= ee[-1]
+    sdpoint = [row for row in rows if row["method"] == "sdpoint" and row["kind"] == "setting"]
+    assert {row["curve"] for row in sdpoint} == {"sdpoint", "sdpoint-ubn"}
+    assert len(sdpoint) == 2 * len(list(build_method("sdpoint", config).model.space))
+    (baseline,) = [r for r in rows if r["method"] == "baseline" and r["kind"] == "setting"]
+    assert baseline["setting"] == str(Instance.full())
+
+
+def test_rerun_skips_finished_methods(tmp_path):
+    config = tiny_config(("baseline",))
+    first = run_comparison(config, tmp_path)
+    rows_file = tmp_path / "baseline" / "rows.json"
+    assert json.loads(rows_file.read_text()) == first
+    mtime = rows_file.stat().st_mtime_ns
+    assert run_comparison(config, tmp_path) == first
+    assert rows_file.stat().st_mtime_ns == mtime
+
+
+def test_unknown_method_is_rejected_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown comparison method 'nope'; choose from"):
+        run_comparison(tiny_config(("baseline", "nope")), tmp_path)
+    assert not any(tmp_path.iterdir())
