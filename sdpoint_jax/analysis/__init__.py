@@ -1,0 +1,121 @@
+"""The paper's analyses of trained runs (Kuen et al., 2018, Sect. 6.2.3 and Fig. 5).
+
+* :mod:`sdpoint_jax.analysis.scale`: scale sensitivity, the mean pairwise cosine
+  similarity of class probabilities across 7 pre-crop scales of the test images
+  (``scale_sensitivity.csv`` and ``.png``), for one or more runs (SDPoint vs. baseline).
+* :mod:`sdpoint_jax.analysis.difficulty`: cost-dependent difficulty, every test image
+  grouped by the cheapest instance (in FLOPs) that classifies it correctly
+  (``difficulty.csv`` and ``difficulty_groups.png``).
+
+Command line: ``python -m sdpoint_jax.analysis {scale,difficulty} ...`` (see
+:mod:`sdpoint_jax.analysis.__main__`). Both read a run directory written by
+``python -m sdpoint_jax.main train`` with the statistics ``evaluate`` uses: the
+calibrated ones (``WORKDIR/calibrated``) when they belong to the latest training step,
+else the checkpoint's running averages. The analyses run in a single process (on every
+local device of it, batches split over the devices as in ``evaluate``).
+
+This module holds what both analyses share: restoring a run, reading the first test
+images and writing CSV tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # imported on use: they load TensorFlow, which __main__ quiets first
+    import ml_collections
+
+    from sdpoint_jax.train import Run, TrainState
+
+Batch = dict[str, np.ndarray]
+Row = dict[str, Any]
+
+
+def restore_run(
+    config: ml_collections.ConfigDict, workdir: str | Path
+) -> tuple[Run, TrainState, str]:
+    """The run in ``workdir`` and its state for evaluation.
+
+    Returns:
+      ``(run, state, source)``: ``state`` holds the calibrated statistics if they are of
+      the latest training step, else the latest checkpoint's running averages;
+      ``source`` says which, for progress output.
+
+    Raises:
+      FileNotFoundError: ``workdir`` or its ``checkpoints/`` directory does not exist.
+      ValueError: more than one JAX process.
+      CheckpointError: the checkpoint is unreadable or of another config.
+    """
+    import jax
+
+    from sdpoint_jax.train import Run
+    from sdpoint_jax.workflow import state_for_evaluation
+
+    workdir = Path(workdir)
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir():
+        missing = workdir if not workdir.is_dir() else checkpoints
+        raise FileNotFoundError(
+            f"no trained run in {workdir}: {missing} does not exist (train one with "
+            f"`python -m sdpoint_jax.main train --config CFG --workdir {workdir}`)"
+        )
+    if jax.process_count() > 1:
+        raise ValueError(f"the analyses run in one process, not {jax.process_count()}")
+    run = Run.create(config, workdir)
+    state, source = state_for_evaluation(run)
+    return run, state, source
+
+
+def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
+    """The first ``images`` examples (default: all) of ``config.eval_split``, in order.
+
+    Yields evaluation batches ``{"image": float32 (B, S, S, 3) normalised, "label": int32
+    (B,), "mask": float32 (B,)}`` as :func:`sdpoint_jax.data.eval_batches` does; examples
+    past ``images`` get ``mask == 0`` and iteration stops once ``images`` real examples are
+    out. ``B`` is ``config.eval_batch_size``, or less when ``images`` is smaller (rounded
+    up to a multiple of the number of devices).
+    """
+    from sdpoint_jax import data
+
+    config = run.config
+    if images is not None and images <= 0:
+        raise ValueError(f"images must be positive, got {images}")
+    batch_size = config.eval_batch_size
+    if images is not None:
+        batch_size = min(batch_size, math.ceil(images / run.mesh.size) * run.mesh.size)
+    batches = data.eval_batches(
+        config.dataset,
+        global_batch_size=batch_size,
+        split=config.eval_split,
+        data_dir=config.data_dir,
+    )
+    seen = 0
+    for batch in batches:
+        if images is not None:
+            mask = batch["mask"].copy()
+            mask[max(images - seen, 0) :] = 0.0  # real examples precede the padding
+            batch = {**batch, "mask": mask}
+        seen += int(np.sum(batch["mask"] > 0))
+        yield batch
+        if images is not None and seen >= images:
+            return
+
+
+def write_rows(rows: Sequence[Row], path: str | Path) -> None:
+    """Writes ``rows`` as a CSV table to ``path`` (columns: the rows' keys in first-seen
+    order; missing values empty), creating its directory if needed."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(field for row in rows for field in row))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
