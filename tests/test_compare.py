@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
+from sdpoint_jax import parallel
 from sdpoint_jax.compare.methods import BUILDERS, build_method
 from sdpoint_jax.compare.run import run_comparison
+from sdpoint_jax.compare.sdpoint import SDPointMethod
+from sdpoint_jax.compare.trainer import Preempted, train_method
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.instance import Instance
 
@@ -90,3 +97,29 @@ def test_unknown_method_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown comparison method 'nope'; choose from"):
         run_comparison(tiny_config(("baseline", "nope")), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+class SigtermAtStep(SDPointMethod):
+    """SDPoint that sends this process SIGTERM when drawing the setting of ``step``."""
+
+    def __init__(self, step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_step = step
+
+    def train_setting(self, seed, step):
+        if step == self.stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_setting(seed, step)
+
+
+def test_sigterm_saves_and_a_rerun_resumes_exactly(tmp_path):
+    config = tiny_config(("sdpoint",))
+    mesh = parallel.create_mesh()
+    kwargs = {"model_name": "wrn-10-1", "num_classes": 10}
+    reference = train_method(SDPointMethod(**kwargs), config, tmp_path / "reference", mesh)
+    with pytest.raises(Preempted, match="SIGTERM: saved sdpoint at step 3"):
+        train_method(SigtermAtStep(2, **kwargs), config, tmp_path / "resumed", mesh)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["3"]
+    resumed = train_method(SDPointMethod(**kwargs), config, tmp_path / "resumed", mesh)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)

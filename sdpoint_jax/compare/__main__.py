@@ -35,10 +35,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.ERROR)
     parallel.initialize_distributed()
     from sdpoint_jax.compare.run import run_comparison
+    from sdpoint_jax.compare.trainer import Preempted
 
     enable_compilation_cache(FLAGS.config.compile_cache_dir)
     try:
         run_comparison(FLAGS.config, FLAGS.workdir)
+    except Preempted as stop:
+        print(f"{stop}; run the same command again to resume", file=sys.stderr)
     except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,8 @@ the same optimizer and learning-rate schedule (:func:`sdpoint_jax.train.create_o
 and the same number of steps; only :class:`~sdpoint_jax.compare.method.Method` differs.
 Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
 every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
-method finished, skips straight to evaluation: nothing trained is lost.
+method finished, skips straight to evaluation: nothing trained is lost. ``SIGTERM``
+saves the running method's checkpoint and raises :class:`Preempted`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax import data, parallel
-from sdpoint_jax.checkpoint import CheckpointManager
+from sdpoint_jax.checkpoint import CheckpointManager, PreemptionFlag
 from sdpoint_jax.compare.early_exit import budgeted_eval, fit_thresholds
 from sdpoint_jax.compare.method import Method, Setting, Variables
 from sdpoint_jax.train import create_optimizer
 
 Row = dict[str, Any]
+
+
+class Preempted(Exception):
+    """``SIGTERM`` arrived during training; the method's checkpoint has been saved."""
 
 
 def _train_step(
@@ -70,7 +75,11 @@ def train_method(
     mesh: Mesh,
 ) -> Variables:
     """Trains ``method`` for ``config.num_epochs`` (or ``config.max_steps``) and returns
-    its variables, resuming from ``directory/checkpoints`` when a checkpoint exists."""
+    its variables, resuming from ``directory/checkpoints`` when a checkpoint exists.
+
+    Raises:
+      Preempted: on ``SIGTERM``, after saving the current step.
+    """
     spec = data.dataset_spec(config.dataset)
     steps_per_epoch = data.steps_per_epoch(
         config.dataset, config.batch_size, config.data_dir, config.train_split
@@ -87,7 +96,10 @@ def train_method(
     }
     state = parallel.replicate(state, mesh)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    with CheckpointManager(directory / "checkpoints", keep_last=1) as manager:
+    with (
+        CheckpointManager(directory / "checkpoints", keep_last=1) as manager,
+        PreemptionFlag() as preempted,
+    ):
         if manager.latest_step() is not None:
             state, _, _ = manager.restore(state)
         start = int(state["step"])
@@ -120,8 +132,11 @@ def train_method(
                     loss=f"{float(metrics['loss']):.3f}", acc=f"{float(metrics['accuracy']):.3f}"
                 )
             bar.update()
-            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total or preempted():
                 manager.save(step + 1, state, config=config.to_dict())
+            if preempted():
+                bar.close()
+                raise Preempted(f"SIGTERM: saved {method.name} at step {step + 1} in {directory}")
         bar.close()
     return state["variables"]
 
