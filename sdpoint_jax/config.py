@@ -24,6 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.bn_mode = "instance"  # or "uniform" (UBN: one set of statistics)
     c.dtype = "float32"  # compute dtype; "bfloat16" for accelerators
     c.conv_lowering = "auto"  # "xla", "matmul_grad" (fast CPU kernel gradients); auto by backend
+    # low mode (sdpoint_jax.lowmode, paper 003): off while every probability is 0
+    c.low_mode_prob = 0.0  # p_low of every epoch
+    c.low_mode_epoch_probs = config_dict.placeholder(tuple)  # or one p_low per epoch
+    c.low_mode_ratio = 2  # integer input/kernel downsampling ratio r >= 2
+    c.low_mode_resize = "gaussian"  # or "bilinear"
+    c.full_mode_epochs_after_drop = 4.0  # full mode only, this long after each LR drop
     c.seed = 0
     # optimisation
     c.batch_size = 128

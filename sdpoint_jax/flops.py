@@ -14,7 +14,9 @@ one image, following the authors' ``utils/flops.py``:
   what is computed.
 
 Counting is analytic, from shapes: the model is traced abstractly (``jax.eval_shape``,
-no compilation, no allocation) while every leaf layer reports its cost.
+no compilation, no allocation) while every leaf layer reports its cost. In low mode
+(:mod:`sdpoint_jax.lowmode`) a convolution with a downsampled kernel counts the
+kernel it runs with; the input downsampling is not a layer and is not counted.
 
 CLI::
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 
 from sdpoint_jax.datasets import SPECS
 from sdpoint_jax.instance import Instance
+from sdpoint_jax.lowmode import DownsampledKernelConv, LowMode
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.layers import AdaptivePool, Add, GlobalAvgPool, Pool, Relu
 from sdpoint_jax.norm import KeyedBatchNorm
@@ -57,17 +60,25 @@ def _valid_taps(in_size: int, out_size: int, kernel: int, stride: int, pad_befor
     )
 
 
+def _conv_geometry(module: nn.Conv) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Kernel size and padding the convolution runs with (downsampled in low mode)."""
+    hook = module.conv_general_dilated
+    if isinstance(hook, DownsampledKernelConv):
+        kernel_size = hook.kernel_size(module.kernel_size)
+        return kernel_size, tuple((k // 2, k // 2) for k in kernel_size)
+    return tuple(module.kernel_size), tuple(module.padding)
+
+
 def _conv_flops(module: nn.Conv, inputs: jax.Array, output: jax.Array, *, conv_taps: str) -> int:
     per_tap = 2 * inputs.shape[-1] // module.feature_group_count
     batch, out_h, out_w, features = output.shape
+    kernel_size, padding = _conv_geometry(module)
     if conv_taps == "all":
-        taps = _size(module.kernel_size) * out_h * out_w
+        taps = _size(kernel_size) * out_h * out_w
     else:
         taps = math.prod(
             _valid_taps(inputs.shape[axis], output.shape[axis], k, s, pad[0])
-            for axis, k, s, pad in zip(
-                (1, 2), module.kernel_size, module.strides, module.padding, strict=True
-            )
+            for axis, k, s, pad in zip((1, 2), kernel_size, module.strides, padding, strict=True)
         )
     bias = out_h * out_w if module.use_bias else 0
     return batch * features * (taps * per_tap + bias)
@@ -149,16 +160,21 @@ def count_flops(
     input_hw: tuple[int, int],
     *,
     conv_taps: str = "all",
+    low_mode: LowMode | None = None,
 ) -> int:
     """FLOPs of one image of size ``input_hw`` through ``instance``.
 
     ``conv_taps="all"`` (the paper's convention) counts every kernel tap of a
     convolution; ``"valid"`` skips taps that fall on zero padding, as XLA's cost
     analysis does (it matters on small maps: a 3x3 conv on a 1x1 map has 1 valid tap).
+    ``low_mode``: the cost in low mode (the model downsamples the ``input_hw`` image).
     """
     model.space.validate(instance)
+    model.check_low_mode(low_mode)
     if conv_taps not in CONV_TAPS:
         raise ValueError(f"conv_taps must be one of {CONV_TAPS}, got {conv_taps!r}")
+    if low_mode is not None:
+        low_mode.input_hw(input_hw)
     total = 0
 
     def count(next_fun, args, kwargs, context):
@@ -168,7 +184,8 @@ def count_flops(
             total += _layer_flops(context.module, args[0], output, conv_taps) or 0
         return output
 
-    apply = functools.partial(model.apply, instance=instance, train=False)
+    mode = {} if low_mode is None else {"low_mode": low_mode}
+    apply = functools.partial(model.apply, instance=instance, train=False, **mode)
     variables = abstract_variables(model, input_hw)  # traced outside the counter
     with nn.intercept_methods(count):
         jax.eval_shape(apply, variables, _image_spec(input_hw))

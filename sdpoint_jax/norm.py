@@ -83,7 +83,9 @@ class KeyedBatchNorm(nn.Module):
       key: the key used by this call (must be in ``keys``).
       use_running_average: normalise with the stored statistics of ``key`` (eval);
         otherwise with batch statistics, updating the running statistics of ``key``
-        and of ``"uniform"`` (if owned).
+        and of ``"uniform"`` (if owned) when ``update_running_stats``.
+      update_running_stats: with batch statistics, whether to update the running
+        ones; False for low-mode passes (see :mod:`sdpoint_jax.points`).
       momentum: running = momentum * running + (1 - momentum) * batch statistic.
       epsilon: added to the variance.
       axis_name: if set, batch statistics are averaged over this mapped axis
@@ -97,6 +99,7 @@ class KeyedBatchNorm(nn.Module):
     keys: tuple[str, ...]
     key: str
     use_running_average: bool
+    update_running_stats: bool = True
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: str | None = None
@@ -112,6 +115,8 @@ class KeyedBatchNorm(nn.Module):
             keys = self.keys
         elif self.use_running_average:
             keys = (self.key,)
+        elif not self.update_running_stats:
+            keys = ()
         else:
             keys = tuple(dict.fromkeys(k for k in (self.key, UNIFORM_KEY) if k in self.keys))
         owned = {key: self.variable("batch_stats", key, _initial_stats, features) for key in keys}

@@ -5,6 +5,17 @@ Every step draws one instance ``(p, r)`` on the host from a generator seeded by
 compiled for that instance. ``config.sdpoint = False`` trains the plain network with
 the same code (every step is the full instance).
 
+Low mode (:mod:`sdpoint_jax.lowmode`, paper 003; off by default): with
+``config.low_mode_prob > 0`` (or per-epoch ``config.low_mode_epoch_probs``) each step
+first draws, from its own generator seeded by ``(seed, step)``, whether it runs in
+low mode. A low-mode step runs the *full* network in low mode (inputs and eligible
+kernels downsampled by ``config.low_mode_ratio``); any other step draws an SDPoint
+instance exactly as without low mode. So a step is low-mode, an SDPoint instance, or
+full, and the instances of the other steps are those of the same run without low
+mode. Full mode is forced for ``config.full_mode_epochs_after_drop`` epochs after
+each learning-rate drop. Low-mode steps do not update running batch-norm statistics;
+evaluation runs in full mode.
+
 Optimisation follows the papers: SGD with Nesterov momentum 0.9 and L2 weight decay
 on every parameter (added to the gradient, as PyTorch's ``weight_decay``), and a
 step learning-rate schedule (``lr_drop_epochs``, each a ``lr_decay`` factor).
@@ -33,9 +44,11 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax import data, parallel
 from sdpoint_jax.checkpoint import CheckpointError, CheckpointManager, PreemptionFlag
+from sdpoint_jax.config import base_config
 from sdpoint_jax.conv_lowering import resolve_conv_lowering
 from sdpoint_jax.evaluate import evaluate_instances
 from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.lowmode import LowMode, LowModeSchedule, check_probability
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.programs import InstancePrograms
 
@@ -55,7 +68,16 @@ RESUME_INVARIANTS = (
     "momentum",
     "weight_decay",
     "seed",
+    "low_mode_prob",
+    "low_mode_epoch_probs",
+    "low_mode_ratio",
+    "low_mode_resize",
+    "full_mode_epochs_after_drop",
 )
+
+ProgramKey = Instance | LowMode
+"""What selects a train-step program: an SDPoint instance (in full mode), or a
+:class:`LowMode` (the full instance in low mode)."""
 
 
 @flax.struct.dataclass
@@ -125,8 +147,12 @@ def train_step(
     model: SDPointModel,
     tx: optax.GradientTransformation,
     instance: Instance,
+    low_mode: LowMode | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step of ``instance`` on ``batch`` (images ``(B, H, W, 3)``, int labels)."""
+    """One SGD step of ``instance`` on ``batch`` (images ``(B, H, W, 3)``, int labels),
+    in low mode if ``low_mode`` is given (the model downsamples the images)."""
+    model.check_low_mode(low_mode)
+    mode = {} if low_mode is None else {"low_mode": low_mode}
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -135,6 +161,7 @@ def train_step(
             instance=instance,
             train=True,
             mutable=["batch_stats"],
+            **mode,
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, (logits, updates["batch_stats"])
@@ -158,6 +185,46 @@ def draw_instance(space: InstanceSpace, seed: int, step: int, sdpoint: bool) -> 
     return space.sample(np.random.default_rng([seed, step]))
 
 
+def draw_step(
+    space: InstanceSpace,
+    seed: int,
+    step: int,
+    sdpoint: bool,
+    low_mode: LowModeSchedule | None,
+) -> ProgramKey:
+    """The program of training step ``step``, a pure function of ``(seed, step)``: the
+    low-mode setting if ``low_mode`` draws low mode for the step, else
+    :func:`draw_instance`."""
+    if low_mode is not None and low_mode.is_low(seed, step):
+        return low_mode.mode
+    return draw_instance(space, seed, step, sdpoint)
+
+
+def low_mode_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> LowModeSchedule | None:
+    """The run's low-mode schedule, or None when low mode is off (every probability 0).
+
+    ``config.low_mode_epoch_probs`` (one per epoch), when set, replaces the constant
+    ``config.low_mode_prob``; setting both is an error.
+    """
+    per_epoch = config.low_mode_epoch_probs
+    check_probability("low_mode_prob", config.low_mode_prob)
+    if per_epoch is not None and config.low_mode_prob != 0.0:
+        raise ValueError(
+            f"set either low_mode_prob ({config.low_mode_prob}) or low_mode_epoch_probs, not both"
+        )
+    schedule = LowModeSchedule.create(
+        LowMode(config.low_mode_ratio, config.low_mode_resize),
+        config.low_mode_prob if per_epoch is None else tuple(per_epoch),
+        num_epochs=config.num_epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_drop_epochs=config.lr_drop_epochs,
+        full_epochs_after_drop=config.full_mode_epochs_after_drop,
+    )
+    return schedule if any(schedule.epoch_probabilities) else None
+
+
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -170,12 +237,19 @@ def train_programs(
     batch_size: int,
     image_size: int,
 ) -> InstancePrograms:
-    """Train-step programs for every instance: state replicated (and donated), batch
-    sharded on the mesh's data axis."""
+    """Train-step programs keyed by :data:`ProgramKey` (an instance, or a low mode of
+    the full instance): state replicated (and donated), batch sharded on the mesh's
+    data axis."""
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
-    def build(instance: Instance):
-        step = functools.partial(train_step, model=model, tx=tx, instance=instance)
+    def build(key: ProgramKey):
+        if isinstance(key, LowMode):
+            instance, low_mode = Instance.full(), key
+        else:
+            instance, low_mode = key, None
+        step = functools.partial(
+            train_step, model=model, tx=tx, instance=instance, low_mode=low_mode
+        )
         return jax.jit(
             step,
             in_shardings=(replicated, batch_sharding),
@@ -202,6 +276,7 @@ class Run:
     mesh: Mesh
     tx: optax.GradientTransformation
     steps_per_epoch: int
+    low_mode: LowModeSchedule | None = None
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -211,7 +286,13 @@ class Run:
             config.dataset, config.batch_size, config.data_dir, config.train_split
         )
         model = create_model(config)
-        return cls(config, Path(workdir), model, mesh, create_optimizer(config, steps), steps)
+        low_mode = low_mode_schedule(config, steps)
+        if low_mode is not None:
+            model.check_low_mode(low_mode.mode)
+            image_size = data.dataset_spec(config.dataset).image_size
+            low_mode.mode.input_hw((image_size, image_size))
+        tx = create_optimizer(config, steps)
+        return cls(config, Path(workdir), model, mesh, tx, steps, low_mode)
 
     @property
     def total_steps(self) -> int:
@@ -220,6 +301,24 @@ class Run:
     @property
     def image_size(self) -> int:
         return data.dataset_spec(self.config.dataset).image_size
+
+    @property
+    def program_keys(self) -> list[ProgramKey]:
+        """Every program a training step can draw (full instance first)."""
+        keys: list[ProgramKey] = list(
+            self.model.space if self.config.sdpoint else [Instance.full()]
+        )
+        if self.low_mode is not None:
+            keys.append(self.low_mode.mode)
+        return keys
+
+    def initial_draws(self) -> dict[str, int]:
+        """Zero counts of the draws that checkpoints keep: every instance of the space,
+        and the low mode if on."""
+        draws = {str(i): 0 for i in self.model.space}
+        if self.low_mode is not None:
+            draws[str(self.low_mode.mode)] = 0
+        return draws
 
     def checkpoints(self, subdir: str = "checkpoints", **kwargs: Any) -> CheckpointManager:
         return CheckpointManager(self.workdir / subdir, **kwargs)
@@ -232,15 +331,16 @@ class Run:
         """The latest checkpoint in ``workdir/subdir``, checked against this config."""
         with self.checkpoints(subdir) as manager:
             checkpoint, saved_config, _ = manager.restore(self.checkpoint_template())
+        # a key missing from an older checkpoint's config had its default value then
+        defaults = base_config()
+        saved = {key: saved_config.get(key, defaults.get(key)) for key in RESUME_INVARIANTS}
         changed = [
             key
             for key in RESUME_INVARIANTS
-            if _jsonable(saved_config.get(key)) != _jsonable(self.config.get(key))
+            if _jsonable(saved[key]) != _jsonable(self.config.get(key))
         ]
         if changed:
-            details = ", ".join(
-                f"{k}: {saved_config.get(k)!r} -> {self.config.get(k)!r}" for k in changed
-            )
+            details = ", ".join(f"{k}: {saved[k]!r} -> {self.config.get(k)!r}" for k in changed)
             raise CheckpointError(
                 f"the checkpoint in {self.workdir / subdir} was written with a different "
                 f"config ({details}); use a new --workdir or the original config"
@@ -248,7 +348,7 @@ class Run:
         return checkpoint["state"], checkpoint["draws"]
 
     def checkpoint_template(self) -> dict[str, Any]:
-        return {"state": self.initial_state(), "draws": {str(i): 0 for i in self.model.space}}
+        return {"state": self.initial_state(), "draws": self.initial_draws()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -269,10 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
     programs = train_programs(run.model, run.tx, state, run.mesh, config.batch_size, run.image_size)
     if config.precompile:
-        programs.precompile(
-            run.model.space if config.sdpoint else [Instance.full()],
-            workers=config.compile_workers,
-        )
+        programs.precompile(run.program_keys, workers=config.compile_workers)
     eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
     batches = data.train_batches(
         config.dataset,
@@ -295,9 +392,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         schedule = learning_rate_schedule(config, run.steps_per_epoch)
         last_log = (start, time.perf_counter())
         for step, batch in zip(range(start, end), _sharded(batches, run.mesh), strict=False):
-            instance = draw_instance(run.model.space, config.seed, step, config.sdpoint)
-            draws[str(instance)] += 1
-            state, metrics = programs[instance](state, batch)
+            key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
+            draws[str(key)] += 1
+            state, metrics = programs[key](state, batch)
             if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 now = time.perf_counter()
@@ -310,13 +407,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                         "learning_rate": float(schedule(step)),
                         "images_per_sec": images_per_sec,
                     },
-                    instance,
+                    key,
                 )
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}",
                     acc=f"{metrics['accuracy']:.3f}",
                     img_s=f"{images_per_sec:.0f}",
-                    instance=str(instance),
+                    instance=str(key),
                 )
             bar.update()
             # at most one save per step: a step is never written twice
@@ -331,7 +428,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
                 break
         bar.close()
-    logger.note("instance draws: " + json.dumps(dict(sorted(draws.items()))))
+    logger.note("draws (instances, low mode): " + json.dumps(dict(sorted(draws.items()))))
     logger.close()
     return state
 
@@ -342,7 +439,7 @@ def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
     if latest is None:
         if resume:
             print(f"--resume: no checkpoint in {run.workdir / 'checkpoints'}; starting fresh")
-        return run.initial_state(), {str(i): 0 for i in run.model.space}
+        return run.initial_state(), run.initial_draws()
     if not resume:
         raise CheckpointError(
             f"{run.workdir / 'checkpoints'} already holds a checkpoint (step {latest}); "
@@ -391,12 +488,13 @@ class _MetricsLogger:
         if main:
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
-    def write(self, step: int, metrics: dict[str, float], instance: Instance | None) -> None:
+    def write(self, step: int, metrics: dict[str, float], key: ProgramKey | None) -> None:
+        """One log row; ``key`` (the step's instance or low mode) goes in ``"instance"``."""
         if not self.main:
             return
         row = {"step": step, **metrics}
-        if instance is not None:
-            row["instance"] = str(instance)
+        if key is not None:
+            row["instance"] = str(key)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         with self._tb.as_default(step=step):

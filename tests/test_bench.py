@@ -12,6 +12,7 @@ from sdpoint_jax.bench.__main__ import main
 from sdpoint_jax.bench.train import uniform_flops_fraction
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.lowmode import LowMode
 from sdpoint_jax.models import create
 from sdpoint_jax.select import select_instance
 
@@ -67,23 +68,28 @@ def test_train_runs_and_flops_fractions(tmp_path, tiny_model):
     _check_types(result, ENVIRONMENT)
     assert (result["batch"], result["steps"]) == (4, 3)
     runs = {run["name"]: run for run in result["runs"]}
-    assert list(runs) == ["full", "cheapest", "mix"]
-    flops = {inst: count_flops(tiny_model, inst, (32, 32)) for inst in tiny_model.space}
+    assert list(runs) == ["full", "cheapest", "mix", "low"]
+    flops = {str(inst): count_flops(tiny_model, inst, (32, 32)) for inst in tiny_model.space}
+    low = LowMode()
+    flops[str(low)] = count_flops(tiny_model, Instance.full(), (32, 32), low_mode=low)
     for run in runs.values():
         assert sum(run["draws"].values()) == 3
         assert run["seconds"] > 0 and run["step_ms"] > 0 and run["images_per_s"] > 0
-        draws = [Instance.parse(name) for name, n in run["draws"].items() for _ in range(n)]
-        mean = sum(flops[inst] for inst in draws) / len(draws) / flops[Instance.full()]
+        draws = [name for name, n in run["draws"].items() for _ in range(n)]
+        mean = sum(flops[name] for name in draws) / len(draws) / flops["full"]
         assert run["flops_fraction"] == pytest.approx(mean)
     assert runs["full"]["draws"] == {"full": 3}
+    assert runs["low"]["draws"] == {"low:2": 3}
+    assert 0 < runs["low"]["flops_fraction"] < 0.25  # 16x16 maps, 1x1 block kernels
     (cheapest,) = runs["cheapest"]["draws"]
-    assert flops[Instance.parse(cheapest)] == min(flops.values())
+    assert flops[cheapest] == min(flops[str(inst)] for inst in tiny_model.space)
     assert runs["cheapest"]["flops_fraction"] < 1
     assert result["drawn_flops_fraction"] == runs["mix"]["flops_fraction"]
     assert result["mix_over_full_step_time"] == pytest.approx(
         runs["mix"]["seconds"] / runs["full"]["seconds"]
     )
-    assert result["uniform_flops_fraction"] == uniform_flops_fraction(tiny_model.space, flops)
+    by_instance = {inst: flops[str(inst)] for inst in tiny_model.space}
+    assert result["uniform_flops_fraction"] == uniform_flops_fraction(tiny_model.space, by_instance)
 
 
 def test_compile_phases_cold_and_warm(tmp_path, tiny_model):

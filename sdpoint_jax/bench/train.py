@@ -1,11 +1,14 @@
-"""Training throughput: full network, cheapest instance, and the SDPoint mix.
+"""Training throughput: full network, cheapest instance, the SDPoint mix, low mode.
 
-Three runs of ``steps`` jitted train steps on one random batch (real optimizer, state
+Runs of ``steps`` jitted train steps on one random batch (real optimizer, state
 donated from step to step, as in training): every step the full instance; every step
-the instance with the fewest analytic FLOPs; and the SDPoint mix, step ``s`` running
-``draw_instance(space, seed=0, step=s, sdpoint=True)`` as training does. Every program
-is compiled and run once before any timing. A run is timed from its first dispatch to
-its final state being ready, so host dispatch overlaps device work as in training.
+the instance with the fewest analytic FLOPs; the SDPoint mix, step ``s`` running
+``draw_instance(space, seed=0, step=s, sdpoint=True)`` as training does; and, for
+architectures with a low mode (:mod:`sdpoint_jax.lowmode`), every step the full
+instance in low mode (``LowMode()``: ratio 2, Gaussian input downsampling). Every
+program is compiled and run once before any timing. A run is timed from its first
+dispatch to its final state being ready, so host dispatch overlaps device work as in
+training.
 
 The mix's speed-up is compared with its FLOPs: the mean over the drawn instances of
 ``FLOPs / full FLOPs``, and its expectation under the paper's uniform draw. FLOPs are
@@ -13,9 +16,11 @@ forward-pass FLOPs; a train step costs about three forward passes at every insta
 so the fractions carry over.
 
 ``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
-``jax_version``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``,
-``draws`` (instance -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
-``flops_fraction`` (mean FLOPs / full FLOPs over its steps)),
+``jax_version``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``
+(``full``, ``cheapest``, ``mix``, and ``low`` where supported), ``draws`` (instance or
+low mode, e.g. ``"low:2"`` -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
+``flops_fraction`` (mean FLOPs / full FLOPs over its steps; low mode counts its
+downsampled convolutions, not the input downsampling)),
 ``mix_over_full_step_time``, ``drawn_flops_fraction`` and ``uniform_flops_fraction``.
 """
 
@@ -35,10 +40,11 @@ from tqdm.auto import tqdm
 from sdpoint_jax import parallel
 from sdpoint_jax.bench import cli, report
 from sdpoint_jax.bench.train_steps import TrainSteps
-from sdpoint_jax.flops import instance_costs
+from sdpoint_jax.flops import count_flops, instance_costs
 from sdpoint_jax.instance import Instance, InstanceSpace
+from sdpoint_jax.lowmode import LowMode
 from sdpoint_jax.models import SDPointModel
-from sdpoint_jax.train import TrainState, draw_instance
+from sdpoint_jax.train import ProgramKey, TrainState, draw_instance
 
 COLUMNS = (
     report.Column("run", "name"),
@@ -82,12 +88,13 @@ def random_batch(mesh: Mesh, batch_size: int, image_size: int, num_classes: int)
 
 
 def timed_run(
-    steps: TrainSteps, state: TrainState, batch: dict, instances: Sequence[Instance], name: str
+    steps: TrainSteps, state: TrainState, batch: dict, keys: Sequence[ProgramKey], name: str
 ) -> tuple[TrainState, float]:
-    """Runs one train step per entry of ``instances``; returns the state and seconds."""
+    """Runs one train step per entry of ``keys`` (instances or low modes); returns the
+    state and seconds."""
     start = time.perf_counter()
-    for instance in tqdm(instances, desc=name, unit="step", leave=False):
-        state, _ = steps.programs[instance](state, batch)
+    for key in tqdm(keys, desc=name, unit="step", leave=False):
+        state, _ = steps.programs[key](state, batch)
     jax.block_until_ready(state)
     return state, time.perf_counter() - start
 
@@ -95,15 +102,20 @@ def timed_run(
 def benchmark(
     target: cli.Target, model: SDPointModel, batch_size: int, num_steps: int
 ) -> dict[str, Any]:
-    """The three timed runs and the FLOPs expectations (``train_bench.json``'s content)."""
-    flops = {cost.instance: cost.flops for cost in instance_costs(model, target.input_hw)}
+    """The timed runs and the FLOPs expectations (``train_bench.json``'s content)."""
+    costs = {cost.instance: cost.flops for cost in instance_costs(model, target.input_hw)}
+    flops: dict[ProgramKey, int] = dict(costs)
     full = Instance.full()
-    runs = {
+    runs: dict[str, list[ProgramKey]] = {
         "full": [full] * num_steps,
-        "cheapest": [min(flops, key=flops.get)] * num_steps,
+        "cheapest": [min(costs, key=costs.get)] * num_steps,
         "mix": [draw_instance(model.space, 0, step, True) for step in range(num_steps)],
     }
-    needed = list(dict.fromkeys(inst for sequence in runs.values() for inst in sequence))
+    if model.supports_low_mode:
+        low = LowMode()
+        flops[low] = count_flops(model, full, target.input_hw, low_mode=low)
+        runs["low"] = [low] * num_steps
+    needed = list(dict.fromkeys(key for sequence in runs.values() for key in sequence))
     steps = TrainSteps.create(target, model, batch_size)
     steps.programs.precompile(needed)
     batch = random_batch(steps.mesh, batch_size, target.image_size, model.num_classes)
@@ -114,11 +126,11 @@ def benchmark(
         results.append(
             {
                 "name": name,
-                "draws": dict(Counter(str(inst) for inst in sequence)),
+                "draws": dict(Counter(str(key) for key in sequence)),
                 "seconds": seconds,
                 "step_ms": seconds / num_steps * 1e3,
                 "images_per_s": num_steps * batch_size / seconds,
-                "flops_fraction": float(np.mean([flops[inst] / flops[full] for inst in sequence])),
+                "flops_fraction": float(np.mean([flops[key] / flops[full] for key in sequence])),
             }
         )
     by_name = {run["name"]: run for run in results}
@@ -130,12 +142,13 @@ def benchmark(
         "runs": results,
         "mix_over_full_step_time": by_name["mix"]["seconds"] / by_name["full"]["seconds"],
         "drawn_flops_fraction": by_name["mix"]["flops_fraction"],
-        "uniform_flops_fraction": uniform_flops_fraction(model.space, flops),
+        "uniform_flops_fraction": uniform_flops_fraction(model.space, costs),
     }
 
 
 def _describe(draws: Mapping[str, int]) -> str:
-    """``"3:0.5"`` for a run of one instance, else how many distinct ones were drawn."""
+    """``"3:0.5"`` (or ``"low:2"``) for a run of one program, else how many distinct
+    ones were drawn."""
     return next(iter(draws)) if len(draws) == 1 else f"{len(draws)} distinct"
 
 

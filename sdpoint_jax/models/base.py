@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sdpoint_jax.conv_lowering import ConvLowering
 from sdpoint_jax.instance import DEFAULT_RATIOS, Instance, InstanceSpace
+from sdpoint_jax.lowmode import LowMode
 from sdpoint_jax.models.layers import GlobalAvgPool, classifier
 from sdpoint_jax.points import SDPointContext
 
@@ -21,6 +22,8 @@ class SDPointModel(nn.Module, kw_only=True):
     mutable=...)`` with ``images`` ``(B, H, W, 3)``; returns float32 logits
     ``(B, num_classes)``. ``instance`` must be static under ``jit`` (each instance is
     its own XLA program). ``init`` creates the batch-norm statistics of every instance.
+    Architectures with ``supports_low_mode`` also take ``low_mode=LowMode(...)`` (static,
+    another XLA program): the same parameters run in low mode (:mod:`sdpoint_jax.lowmode`).
 
     Attributes:
       num_classes: classifier outputs.
@@ -41,6 +44,10 @@ class SDPointModel(nn.Module, kw_only=True):
     dtype: Any = jnp.float32
     conv_lowering: ConvLowering = "xla"
 
+    supports_low_mode: ClassVar[bool] = False
+    """Whether ``__call__`` takes ``low_mode`` (the architecture marks the convolutions
+    whose kernels low mode downsamples)."""
+
     @property
     def num_points(self) -> int:
         """``N``: the number of SDPoint downsampling points."""
@@ -50,7 +57,18 @@ class SDPointModel(nn.Module, kw_only=True):
     def space(self) -> InstanceSpace:
         return InstanceSpace(self.num_points, self.ratios)
 
-    def context(self, instance: Instance, train: bool) -> SDPointContext:
+    def check_low_mode(self, low_mode: LowMode | None) -> None:
+        """``ValueError`` if ``low_mode`` is set and this architecture has no low mode."""
+        if low_mode is not None and not self.supports_low_mode:
+            raise ValueError(
+                f"{type(self).__name__} has no low mode (it is implemented for WRN and "
+                f"ResNet/PreResNet/ResNeXt, the residual networks of the low-mode paper)"
+            )
+
+    def context(
+        self, instance: Instance, train: bool, low_mode: LowMode | None = None
+    ) -> SDPointContext:
+        self.check_low_mode(low_mode)
         return SDPointContext(
             instance=instance,
             space=self.space,
@@ -60,6 +78,7 @@ class SDPointModel(nn.Module, kw_only=True):
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
             conv_lowering=self.conv_lowering,
+            low_mode=low_mode,
         )
 
     def head(self, x: jax.Array) -> jax.Array:

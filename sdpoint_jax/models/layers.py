@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_kernel_grad
+from sdpoint_jax.lowmode import DownsampledKernelConv
 from sdpoint_jax.pooling import adaptive_avg_pool, adaptive_max_pool
 
 PoolKind = Literal["avg", "max"]
@@ -34,13 +35,23 @@ def conv(
     use_bias: bool = False,
     dtype: Any = None,
     lowering: ConvLowering = "xla",
+    kernel_ratio: int | None = None,
     name: str | None = None,
 ) -> nn.Conv:
     """A ``kernel x kernel`` convolution padded like PyTorch's ``padding=kernel // 2``.
 
     ``lowering="matmul_grad"`` computes the kernel gradient as a matrix product (fast
     on XLA:CPU, see :mod:`sdpoint_jax.conv_lowering`); parameters are the same.
+    ``kernel_ratio=r`` (low mode) convolves with the kernel average-pooled by ``r``
+    (:class:`sdpoint_jax.lowmode.DownsampledKernelConv`, padded for the smaller
+    kernel); the parameter is still the full-size kernel.
     """
+    if kernel_ratio is not None:
+        hook = DownsampledKernelConv(kernel_ratio, lowering)
+    elif lowering == "matmul_grad":
+        hook = conv_matmul_kernel_grad
+    else:
+        hook = None
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -51,7 +62,7 @@ def conv(
         use_bias=use_bias,
         kernel_init=conv_init,
         dtype=dtype,
-        conv_general_dilated=conv_matmul_kernel_grad if lowering == "matmul_grad" else None,
+        conv_general_dilated=hook,
         name=name,
     )
 

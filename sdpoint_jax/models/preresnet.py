@@ -26,7 +26,14 @@ class PreActBlock(ResidualBlock):
         for number, (features, kernel, stride, groups) in enumerate(convs, start=1):
             if number > 1:
                 y = Relu()(ctx.norm(self.index, name=f"bn{number}")(y))
-            y = ctx.conv(features, kernel, stride, groups=groups, name=f"conv{number}")(y)
+            y = ctx.conv(
+                features,
+                kernel,
+                stride,
+                groups=groups,
+                low_mode_eligible=kernel == 3,  # the block's 3x3 convs (paper 003, Sect. 4)
+                name=f"conv{number}",
+            )(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != out:
             shortcut = Shortcut(out, self.stride, self.index, ctx, name="shortcut")(preact)

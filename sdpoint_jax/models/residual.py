@@ -6,6 +6,13 @@ on the 3x3 conv), then the architecture's head. With ``stem_point=True`` (defaul
 as in the authors' code) the stem carries SDPoint point 1: the 3x3/2 max pool is
 replaced by adaptive max pooling to ``round(r * size after the max pool)``; the
 residual blocks are points ``2..N``. Otherwise the blocks are points ``1..N``.
+
+Low mode (:mod:`sdpoint_jax.lowmode`, ``low_mode=LowMode(r)``), as the low-mode paper
+(003, Sect. 4) runs ResNet-18/50: the input is downsampled by ``r``, the block's 3x3
+convolutions (both of a basic block, the middle one of a bottleneck) run with
+average-pooled kernels, and the stem's max pool is dropped (item 5: "only in
+low-mode"; with ``stem_point`` the point then pools the stem's output directly). The
+7x7 stem conv, the 1x1 convs and the classifier are unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import flax.linen as nn
 import jax
 
 from sdpoint_jax.instance import Instance
+from sdpoint_jax.lowmode import LowMode
 from sdpoint_jax.models.base import SDPointModel
 from sdpoint_jax.models.layers import Pool, Relu
 from sdpoint_jax.points import SDPointContext
@@ -101,6 +109,7 @@ class ResidualNet(SDPointModel, kw_only=True):
 
     block: ClassVar[type[ResidualBlock]]
     head_norm: ClassVar[bool]
+    supports_low_mode = True
 
     @property
     def stages(self) -> tuple[str, tuple[int, int, int, int]]:
@@ -116,13 +125,19 @@ class ResidualNet(SDPointModel, kw_only=True):
         return int(self.stem_point) + sum(self.stages[1])
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, instance: Instance, train: bool) -> jax.Array:
-        ctx = self.context(instance, train)
-        x = ctx.conv(64, 7, 2, name="stem_conv")(x.astype(self.dtype))
+    def __call__(
+        self, x: jax.Array, *, instance: Instance, train: bool, low_mode: LowMode | None = None
+    ) -> jax.Array:
+        ctx = self.context(instance, train, low_mode)
+        x = ctx.conv(64, 7, 2, name="stem_conv")(ctx.input(x).astype(self.dtype))
         x = Relu()(ctx.norm(1, name="stem_bn")(x))
-        max_pool = Pool("max", window=3, stride=2, padding=1)
+        # low mode drops the stem's max pool (paper 003, Sect. 4, item 5)
+        max_pool = None if low_mode is not None else Pool("max", window=3, stride=2, padding=1)
         index = int(self.stem_point)
-        x = ctx.point(x, index, replaces=max_pool) if self.stem_point else max_pool(x)
+        if self.stem_point:
+            x = ctx.point(x, index, replaces=max_pool)
+        elif max_pool is not None:
+            x = max_pool(x)
         block_type, counts = self.stages
         for stage, (planes, count) in enumerate(zip(STAGE_PLANES, counts, strict=True)):
             for block in range(count):

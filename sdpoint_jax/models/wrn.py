@@ -23,6 +23,11 @@ outputs, no random numbers drawn):
   computed, so its batch-norm statistics see every example. At deterministic
   inference the residual branch is scaled by ``p_l``.
 
+Low mode (:mod:`sdpoint_jax.lowmode`, ``low_mode=LowMode(r)``): the input is
+downsampled by ``r`` and both 3x3 convolutions of every block run with average-pooled
+kernels (3x3 -> 1x1 for ``r = 2``), the paper's choice for the basic block; the stem
+and the 1x1 shortcuts are unchanged.
+
 Randomness comes from Flax's ``"dropout"`` rng stream (``rngs={"dropout": key}``). It
 is drawn when ``train=True`` or, for *stochastic inference* (Table 2, after Swapout),
 when ``stochastic_inference=True``: training-mode randomness with running batch-norm
@@ -36,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from sdpoint_jax.instance import Instance
+from sdpoint_jax.lowmode import LowMode
 from sdpoint_jax.models.base import SDPointModel
 from sdpoint_jax.models.layers import Add, Relu
 from sdpoint_jax.points import SDPointContext
@@ -49,7 +55,8 @@ def check_rate(name: str, rate: float) -> None:
 
 class PreActBasicBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut; a 1x1 conv on the pre-activated
-    input where the shape changes (as in the reference WRN code).
+    input where the shape changes (as in the reference WRN code). Both 3x3 convs are
+    low-mode eligible (paper 003, Sect. 4: conv1 and conv2 of the basic block).
 
     Attributes:
       dropout_rate: dropout probability between the BN-ReLU and ``conv2``.
@@ -73,11 +80,13 @@ class PreActBasicBlock(nn.Module):
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = self.ctx.conv(self.features, 1, self.stride, name="shortcut")(preact)
-        y = self.ctx.conv(self.features, 3, self.stride, name="conv1")(preact)
+        y = self.ctx.conv(self.features, 3, self.stride, low_mode_eligible=True, name="conv1")(
+            preact
+        )
         y = Relu()(self.ctx.norm(self.index, name="bn2")(y))
         if self.dropout_rate > 0.0:
             y = nn.Dropout(self.dropout_rate, deterministic=not self.stochastic)(y)
-        y = self.ctx.conv(self.features, 3, name="conv2")(y)
+        y = self.ctx.conv(self.features, 3, low_mode_eligible=True, name="conv2")(y)
         if self.survival < 1.0:
             if self.stochastic:
                 keep = jax.random.bernoulli(
@@ -102,6 +111,8 @@ class WideResNet(SDPointModel, kw_only=True):
     width: int
     dropout_rate: float = 0.0
     stochastic_depth: float = 0.0
+
+    supports_low_mode = True
 
     def __post_init__(self) -> None:
         check_rate("dropout_rate", self.dropout_rate)
@@ -133,18 +144,19 @@ class WideResNet(SDPointModel, kw_only=True):
         instance: Instance,
         train: bool,
         stochastic_inference: bool = False,
+        low_mode: LowMode | None = None,
     ) -> jax.Array:
         """Logits ``(B, num_classes)`` of images ``x`` ``(B, H, W, 3)``.
 
         ``stochastic_inference=True`` (with ``train=False``) keeps the training-mode
         dropout / stochastic-depth randomness but normalises with the running
-        batch-norm statistics (and does not update them).
+        batch-norm statistics (and does not update them). ``low_mode``: run in low mode.
         """
         if train and stochastic_inference:
             raise ValueError("stochastic_inference=True needs train=False")
-        ctx = self.context(instance, train)
+        ctx = self.context(instance, train, low_mode)
         survival = self.survival_probabilities
-        x = ctx.conv(16, 3, name="stem")(x.astype(self.dtype))
+        x = ctx.conv(16, 3, name="stem")(ctx.input(x).astype(self.dtype))
         index = 0
         for stage, base in enumerate((16, 32, 64)):
             for block in range(self.blocks_per_stage):
