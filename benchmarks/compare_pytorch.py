@@ -26,7 +26,11 @@ import numpy as np
 
 from sdpoint_jax import parallel
 from sdpoint_jax.config import cifar_config
-from sdpoint_jax.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
+from sdpoint_jax.conv_lowering import (
+    CONV_LOWERINGS,
+    inference_compiler_options,
+    resolve_conv_lowering,
+)
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.train import create_optimizer, initial_state, train_programs
@@ -57,7 +61,10 @@ def jax_figures(
         jax.block_until_ready(metrics)
         if i >= 2:
             times.append(time.perf_counter() - start)
-    forward = jax.jit(functools.partial(model.apply, instance=Instance.full(), train=False))
+    forward = jax.jit(
+        functools.partial(model.apply, instance=Instance.full(), train=False),
+        compiler_options=inference_compiler_options(),
+    )
     one = jnp.asarray(data["image"][:1])
     forward = forward.lower(state.variables, one).compile()
     infer = []

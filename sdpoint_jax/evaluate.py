@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax import parallel
+from sdpoint_jax.conv_lowering import inference_compiler_options
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel
@@ -59,7 +60,9 @@ def _counts_fn(model: SDPointModel) -> Callable[..., jax.Array]:
     ``instance`` is static: one program per instance.
     """
 
-    @functools.partial(jax.jit, static_argnames="instance")
+    @functools.partial(
+        jax.jit, static_argnames="instance", compiler_options=inference_compiler_options()
+    )
     def counts(variables: Any, batch: dict[str, jax.Array], instance: Instance) -> jax.Array:
         logits = model.apply(variables, batch["image"], instance=instance, train=False)
         label_logit = jnp.take_along_axis(logits, batch["label"][:, None], axis=1)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import cli, report
 from sdpoint_jax.bench.values import zeros_like
+from sdpoint_jax.conv_lowering import inference_compiler_options
 from sdpoint_jax.flops import abstract_variables, count_flops
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel
@@ -101,7 +102,10 @@ def measure(
     warmup: int,
 ) -> Row:
     """Compile time, XLA FLOPs and latency percentiles of one instance on ``images``."""
-    forward = jax.jit(functools.partial(model.apply, instance=instance, train=False))
+    forward = jax.jit(
+        functools.partial(model.apply, instance=instance, train=False),
+        compiler_options=inference_compiler_options(),
+    )
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
