@@ -178,6 +178,20 @@ def evaluate_instances(
     return rows
 
 
+def write_csv(rows: Sequence[Row], path: str | Path) -> None:
+    """Writes ``rows`` as a CSV table to ``path`` (columns: the rows' keys in first-seen
+    order; missing values empty), creating its directory if needed."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(field for row in rows for field in row))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_results(rows: Sequence[Row], directory: str | Path) -> None:
     """Writes ``rows`` to ``directory/results.csv`` and ``directory/results.json``.
 
@@ -187,12 +201,7 @@ def write_results(rows: Sequence[Row], directory: str | Path) -> None:
     if not rows:
         raise ValueError("no result rows to write")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(field for row in rows for field in row))
-    with open(directory / RESULTS_CSV, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, directory / RESULTS_CSV)
     with open(directory / RESULTS_JSON, "w") as file:
         json.dump(list(rows), file, indent=1)
         file.write("\n")

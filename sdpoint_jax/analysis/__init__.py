@@ -20,9 +20,8 @@ images and writing CSV tables.
 
 from __future__ import annotations
 
-import csv
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,17 +104,3 @@ def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
         yield batch
         if images is not None and seen >= images:
             return
-
-
-def write_rows(rows: Sequence[Row], path: str | Path) -> None:
-    """Writes ``rows`` as a CSV table to ``path`` (columns: the rows' keys in first-seen
-    order; missing values empty), creating its directory if needed."""
-    if not rows:
-        raise ValueError(f"no rows to write to {path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(field for row in rows for field in row))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)

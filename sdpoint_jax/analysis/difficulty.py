@@ -30,8 +30,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from sdpoint_jax import parallel
-from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run, write_rows
+from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
 from sdpoint_jax.datasets import dataset_spec
+from sdpoint_jax.evaluate import write_csv
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel
@@ -304,7 +305,7 @@ def difficulty_run(
     )
     names = label_names(config)
     out = Path(out)
-    write_rows(difficulty_rows(result, names), out / DIFFICULTY_CSV)
+    write_csv(difficulty_rows(result, names), out / DIFFICULTY_CSV)
     spec = dataset_spec(config.dataset)
     title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
     plot_difficulty_groups(

@@ -40,7 +40,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from sdpoint_jax import parallel
-from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run, write_rows
+from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
+from sdpoint_jax.evaluate import write_csv
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel
 
@@ -303,7 +304,7 @@ def scale_run(
         )
         rows.append(scale_row(model.label, model.config, run.workdir, step, result))
         results.append((model.label, result))
-    write_rows(rows, out / SCALE_CSV)
+    write_csv(rows, out / SCALE_CSV)
     datasets = ", ".join(dict.fromkeys(model.config.dataset for model in models))
     plot_scale_sensitivity(results, out / SCALE_PNG, title=f"scale sensitivity on {datasets}")
     for row in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,6 @@ from sdpoint_jax.select import pareto_front
 Row = dict[str, Any]
 COMPARE_CSV = "compare.csv"
 COMPARE_PNG = "compare.png"
-
-
-def write_csv(rows: Sequence[Row], path: str | Path) -> None:
-    """Writes ``rows`` (columns in first-seen order) to ``path``."""
-    if not rows:
-        raise ValueError("no comparison rows to write")
-    fields = list(dict.fromkeys(field for row in rows for field in row))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_compare(rows: Sequence[Row], path: str | Path, *, title: str | None = None) -> None:

@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax import parallel
 from sdpoint_jax.compare.methods import build_method
-from sdpoint_jax.compare.report import COMPARE_CSV, COMPARE_PNG, plot_compare, write_csv
+from sdpoint_jax.compare.report import COMPARE_CSV, COMPARE_PNG, plot_compare
 from sdpoint_jax.compare.trainer import Row, evaluate_method, train_method
+from sdpoint_jax.evaluate import write_csv
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Row]:

@@ -228,7 +228,7 @@ def evaluate_method(
             config.eval_split,
             f"stochastic inference {method.name}",
         )
-        mean_gflops = np.mean([method.gflops(s, spec.image_size) for s in settings])
+        mean_gflops = np.mean([row["gflops"] for row in rows])
         rows.append(
             {
                 "method": method.name,
