@@ -23,6 +23,7 @@ step learning-rate schedule (``lr_drop_epochs``, each a ``lr_decay`` factor).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -368,8 +369,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     start = int(state.step)
     end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
     programs = train_programs(run.model, run.tx, state, run.mesh, config.batch_size, run.image_size)
+    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     if config.precompile:
+        compile_start = time.perf_counter()
         programs.precompile(run.program_keys, workers=config.compile_workers)
+        logger.write(start, {"compile_seconds": time.perf_counter() - compile_start}, None)
     eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
     batches = data.train_batches(
         config.dataset,
@@ -379,7 +383,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         data_dir=config.data_dir,
         train_split=config.train_split,
     )
-    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     draws = Counter(draws)
     with (
         run.checkpoints(
@@ -391,6 +394,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not logger.main)
         schedule = learning_rate_schedule(config, run.steps_per_epoch)
         last_log = (start, time.perf_counter())
+        clock = _TrainClock()
         for step, batch in zip(range(start, end), _sharded(batches, run.mesh), strict=False):
             key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
             draws[str(key)] += 1
@@ -406,6 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                         **metrics,
                         "learning_rate": float(schedule(step)),
                         "images_per_sec": images_per_sec,
+                        "train_seconds": clock.seconds(),
                     },
                     key,
                 )
@@ -418,17 +423,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             bar.update()
             # at most one save per step: a step is never written twice
             if (step + 1) % eval_every == 0 or step + 1 == run.total_steps:
-                top1 = _full_accuracy(run, state)
-                logger.write(step + 1, {"eval_top1_accuracy": top1}, None)
-                save(step + 1, state, draws, {"top1_accuracy": top1})
+                with clock.paused(state):
+                    top1 = _full_accuracy(run, state)
+                    logger.write(
+                        step + 1,
+                        {"eval_top1_accuracy": top1, "train_seconds": clock.seconds()},
+                        None,
+                    )
+                    save(step + 1, state, draws, {"top1_accuracy": top1})
                 last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
             elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end or preempted():
-                save(step + 1, state, draws, None)
+                with clock.paused(state):
+                    save(step + 1, state, draws, None)
             if preempted():
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
                 break
         bar.close()
-    logger.note("draws (instances, low mode): " + json.dumps(dict(sorted(draws.items()))))
+    logger.write_draws(int(state.step), dict(sorted(draws.items())))
     logger.close()
     return state
 
@@ -478,6 +489,32 @@ def _full_accuracy(run: Run, state: TrainState) -> float:
     return 100.0 - row["top1_error"]
 
 
+class _TrainClock:
+    """Wall-clock seconds spent in training steps by this invocation (a resumed run
+    starts again from 0): evaluation and checkpoint saves are paused out, and the
+    clock waits for the device before it pauses, so no step's time is missed."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._paused_total = 0.0
+        self._paused_at: float | None = None
+
+    def seconds(self) -> float:
+        """Training seconds so far (frozen while paused)."""
+        now = time.perf_counter() if self._paused_at is None else self._paused_at
+        return now - self._start - self._paused_total
+
+    @contextlib.contextmanager
+    def paused(self, state: TrainState) -> Iterator[None]:
+        jax.block_until_ready(state)
+        self._paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_total += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+
 class _MetricsLogger:
     """Metrics to ``train_log.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
 
@@ -500,6 +537,13 @@ class _MetricsLogger:
         with self._tb.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(name, value)
+
+    def write_draws(self, step: int, draws: dict[str, int]) -> None:
+        """Steps per instance and low mode so far (a ``"draws"`` log row), and prints them."""
+        self.note("draws (instances, low mode): " + json.dumps(draws))
+        if self.main:
+            self._jsonl.write(json.dumps({"step": step, "draws": draws}) + "\n")
+            self._jsonl.flush()
 
     def note(self, message: str) -> None:
         if self.main:

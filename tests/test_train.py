@@ -3,6 +3,7 @@ calibrate -> evaluate -> select, and data-parallel equivalence on 8 CPU devices.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -57,6 +58,14 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     state = train(tiny_config(6), workdir, resume=False)
     return workdir, state
+
+
+def test_log_counts_training_seconds_of_the_steps(uninterrupted):
+    workdir, _ = uninterrupted
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    seconds = [r["train_seconds"] for r in rows if "loss" in r]
+    assert len(seconds) == 6 and seconds[0] > 0
+    assert all(a < b for a, b in itertools.pairwise(seconds))
 
 
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
@@ -190,7 +199,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     )
     log = tmp_path / "train_log.jsonl"
     deadline = time.monotonic() + 240
-    while not (log.exists() and log.read_text().count("\n") >= 2):
+    while not (log.exists() and log.read_text().count('"loss"') >= 2):
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.5)
