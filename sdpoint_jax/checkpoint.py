@@ -235,6 +235,17 @@ class CheckpointManager(_Closing):
             restored = self._manager.restore(step, args=_restore_args(state_template))
         return restored[STATE_ITEM], restored[CONFIG_ITEM], restored[META_ITEM]
 
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config saved with checkpoint ``step`` (default: the latest), read without
+        the state; ``CheckpointError`` as for :meth:`restore`."""
+        self.wait_until_finished()
+        step = self._resolve_step(step)
+        with self._reading(step):
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+            )
+        return restored[CONFIG_ITEM]
+
     def _resolve_step(self, step: int | None) -> int:
         """The requested step, or the latest one; raises if it does not exist."""
         steps = self.all_steps()

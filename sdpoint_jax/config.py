@@ -8,6 +8,11 @@ with the same code, data and schedule.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -102,3 +107,32 @@ def imagenet_config(model: str, *, variant: str | None = None) -> ml_collections
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
     return _apply_variant(c, variant)
+
+
+def load_config(spec: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
+    """Runs ``get_config()`` of the config file ``FILE`` (or ``get_config(ARG)`` for
+    ``FILE:ARG``), as ``--config`` of :mod:`sdpoint_jax.main` does; ``data_dir``, if
+    given, replaces the config's ``data_dir``. ``FileNotFoundError`` if there is no file."""
+    path, separator, argument = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(argument) if separator else module.get_config()
+    if data_dir is not None:
+        config.data_dir = data_dir
+    return config
+
+
+def config_from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The config a checkpoint was written with (its JSON ``config`` item): fields the
+    checkpoint predates keep :func:`base_config`'s defaults; JSON lists become tuples."""
+
+    def as_tuples(value: Any) -> Any:
+        return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
+
+    config = base_config()
+    for key, value in saved.items():
+        config[key] = as_tuples(value)
+    return config

@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sdpoint_jax.analysis import analysis_batches, restore_run
-from sdpoint_jax.analysis.__main__ import load_config, main
+from sdpoint_jax.analysis.__main__ import main
 from sdpoint_jax.analysis.difficulty import (
     DIFFICULTY_CSV,
     DIFFICULTY_PNG,
@@ -32,6 +32,7 @@ from sdpoint_jax.analysis.scale import (
     per_image_pairwise_cosine,
     rescale_images,
 )
+from sdpoint_jax.config import load_config
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.train import train

@@ -25,36 +25,17 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 from absl import logging
 
 from sdpoint_jax.checkpoint import CheckpointError
+from sdpoint_jax.config import load_config
 from sdpoint_jax.data import DatasetUnavailableError
 from sdpoint_jax.programs import enable_compilation_cache
-
-
-def load_config(spec: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
-    """Runs ``get_config()`` of the config file ``FILE`` (or ``get_config(ARG)`` for
-    ``FILE:ARG``), as ``--config`` of :mod:`sdpoint_jax.main` does; ``data_dir``, if
-    given, replaces the config's ``data_dir``."""
-    path, separator, argument = spec.partition(":")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(
-        f"_analysis_config_{Path(path).stem}", path
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if separator else module.get_config()
-    if data_dir is not None:
-        config.data_dir = data_dir
-    return config
 
 
 def _factors(text: str) -> tuple[float, ...]:
