@@ -3,7 +3,9 @@
 Commands:
   train       train with SDPoint (``--resume`` continues the latest checkpoint)
   calibrate   recompute every instance's BN statistics over fixed training batches
-  evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot
+  evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot;
+              ``--cascade`` also a confidence cascade across the instances, its
+              thresholds fit on ``config.holdout_split``
   select      the best evaluated instance within ``--budget-gflops`` or ``--budget-ms``
   all         train, calibrate and evaluate in one go
 
@@ -32,6 +34,12 @@ config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
 flags.DEFINE_bool("resume", False, "train/all: continue from the latest checkpoint.")
 flags.DEFINE_string("instances", "all", "evaluate: 'all' or e.g. 'full,3:0.5,12:0.75'.")
+flags.DEFINE_bool(
+    "cascade",
+    False,
+    "evaluate/all: also a confidence cascade across the instances, thresholds fit on "
+    "config.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
+)
 flags.DEFINE_float("budget-gflops", None, "select: GFLOPs per image budget.")
 flags.DEFINE_float("budget-ms", None, "select: milliseconds per batch budget.")
 flags.DEFINE_string("latency", None, "select: latency table (default WORKDIR/latency.json).")
@@ -41,7 +49,7 @@ FLAGS = flags.FLAGS
 
 def run_command(command: str) -> None:
     from sdpoint_jax.train import train
-    from sdpoint_jax.workflow import calibrate_run, evaluate_run, select_run
+    from sdpoint_jax.workflow import calibrate_run, cascade_holdout, evaluate_run, select_run
 
     if command == "select":
         select_run(
@@ -56,12 +64,14 @@ def run_command(command: str) -> None:
     if config is None:
         raise app.UsageError(f"{command} needs --config=experiments/configs/NAME.py")
     enable_compilation_cache(config.compile_cache_dir)
+    if command == "all" and FLAGS.cascade:
+        cascade_holdout(config)  # a missing holdout_split fails now, not after training
     if command in ("train", "all"):
         train(config, FLAGS.workdir, resume=FLAGS.resume)
     if command in ("calibrate", "all"):
         calibrate_run(config, FLAGS.workdir)
     if command in ("evaluate", "all"):
-        evaluate_run(config, FLAGS.workdir, FLAGS.instances)
+        evaluate_run(config, FLAGS.workdir, FLAGS.instances, cascade=FLAGS.cascade)
 
 
 def main(argv: list[str]) -> None:

@@ -5,25 +5,36 @@ Each step reads and writes the run directory::
     WORKDIR/checkpoints/   training checkpoints (``train``)
     WORKDIR/calibrated/    the latest checkpoint with calibrated BN statistics
     WORKDIR/results.{csv,json}, WORKDIR/cost_error.png   (``evaluate``)
+    WORKDIR/cascade.{csv,json}                           (``evaluate --cascade``)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
 
 from sdpoint_jax import data
 from sdpoint_jax.calibrate import calibrate
-from sdpoint_jax.evaluate import evaluate_instances, read_results, write_results
+from sdpoint_jax.cascade import CASCADE_CSV, CASCADE_JSON, evaluate_cascade, format_cascade
+from sdpoint_jax.evaluate import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    evaluate_instances,
+    read_results,
+    write_csv,
+    write_results,
+)
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.plot import plot_cost_error
 from sdpoint_jax.select import select_instance
 from sdpoint_jax.train import Run, TrainState
 
 CALIBRATED = "calibrated"
+COST_ERROR_PNG = "cost_error.png"
 
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -75,37 +86,102 @@ def state_for_evaluation(run: Run) -> tuple[TrainState, str]:
     return run.restore()[0], "running-average statistics (run `calibrate` to calibrate)"
 
 
+def cascade_holdout(config: ml_collections.ConfigDict) -> str:
+    """``config.holdout_split``, the held-out training images a cascade's thresholds are
+    fit on; prints a warning when ``config.train_split`` is unset (training then used
+    every training image, the held-out ones included).
+
+    Raises:
+      ValueError: ``config.holdout_split`` is unset.
+    """
+    if not config.holdout_split:
+        raise ValueError(
+            "--cascade fits its thresholds on held-out training images, but "
+            "config.holdout_split is not set; train with e.g. "
+            "--config.train_split=train[:45000] --config.holdout_split=train[45000:] "
+            "and evaluate with the same config"
+        )
+    if config.train_split is None:
+        print(
+            f"warning: config.train_split is not set, so the model was trained on every "
+            f"training image, {config.holdout_split!r} included: the cascade's thresholds "
+            f"are fit on images it has seen"
+        )
+    return config.holdout_split
+
+
 def evaluate_run(
-    config: ml_collections.ConfigDict, workdir: str | Path, instances: str = "all"
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    instances: str = "all",
+    cascade: bool = False,
 ) -> list[dict]:
     """Top-1/top-5 error of every instance with instance BN and UBN; writes
-    ``results.csv``, ``results.json`` and ``cost_error.png``."""
+    ``results.csv``, ``results.json`` and ``cost_error.png``.
+
+    With ``cascade``, also a confidence cascade across the chosen instances
+    (:mod:`sdpoint_jax.cascade`) with the model's own statistics (per-instance BN for
+    an SDPoint run): stages and thresholds fit on ``config.holdout_split`` for
+    ``config.budget_points`` target average costs, measured on ``config.eval_split``;
+    writes ``cascade.csv`` and ``cascade.json`` and adds its curve to
+    ``cost_error.png``. Returns the instance rows either way.
+    """
+    holdout = cascade_holdout(config) if cascade else None
     run = Run.create(config, workdir)
     state, source = state_for_evaluation(run)
     chosen = run.model.space.parse_list(instances)
     bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
     print(f"evaluating {len(chosen)} instances x {bn_modes} at step {int(state.step)}, {source}")
-    batches = data.eval_batches(
-        config.dataset,
-        global_batch_size=config.eval_batch_size,
-        split=config.eval_split,
-        data_dir=config.data_dir,
-    )
+
+    def batches(split: str | None) -> Iterator[dict]:
+        return data.eval_batches(
+            config.dataset,
+            global_batch_size=config.eval_batch_size,
+            split=split,
+            data_dir=config.data_dir,
+        )
+
+    input_hw = (run.image_size, run.image_size)
     rows = evaluate_instances(
         run.model,
         state.variables,
-        batches,
+        batches(config.eval_split),
         chosen,
-        input_hw=(run.image_size, run.image_size),
+        input_hw=input_hw,
         bn_modes=bn_modes,
         mesh=run.mesh,
         progress=True,
     )
     write_results(rows, run.workdir)
-    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
-    plot_cost_error(rows, run.workdir / "cost_error.png", title=title)
     print(format_results(rows))
-    print(f"wrote {run.workdir / 'results.csv'}, results.json and cost_error.png")
+    written = [RESULTS_CSV, RESULTS_JSON, COST_ERROR_PNG]
+    curves = {}
+    if cascade:
+        print(f"cascade: thresholds fit on {holdout!r}, {config.budget_points} target costs")
+        cascade_rows = evaluate_cascade(
+            run.model,
+            state.variables,
+            batches(holdout),
+            batches(config.eval_split),
+            chosen,
+            input_hw=input_hw,
+            budget_points=config.budget_points,
+            single_rows=rows,
+            mesh=run.mesh,
+            progress=True,
+        )
+        write_csv(cascade_rows, run.workdir / CASCADE_CSV)
+        with open(run.workdir / CASCADE_JSON, "w") as file:
+            json.dump(cascade_rows, file, indent=1)
+            file.write("\n")
+        print(format_cascade(cascade_rows))
+        written += [CASCADE_CSV, CASCADE_JSON]
+        stages = cascade_rows[0]["stages"].count(",") + 1
+        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN)"
+        curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
+    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
+    plot_cost_error(rows, run.workdir / COST_ERROR_PNG, title=title, extra_curves=curves)
+    print(f"wrote {', '.join(written)} in {run.workdir}")
     return rows
 
 

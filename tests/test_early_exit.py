@@ -11,13 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from sdpoint_jax.compare.early_exit import (
-    EarlyExitMethod,
-    budgeted_eval,
-    fit_thresholds,
-    joint_loss,
-    ofa_kl,
-)
+from sdpoint_jax.budget import budgeted_eval, fit_thresholds
+from sdpoint_jax.compare.early_exit import EarlyExitMethod, joint_loss, ofa_kl
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create

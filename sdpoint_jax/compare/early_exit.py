@@ -30,9 +30,10 @@ the classifiers with ISC and OFA (two phases); the comparison trains every metho
 one schedule, so all enabled techniques act jointly from the first step.
 
 Budgeted inference (MSDNet, Huang et al. ICLR 2018, Sect. 5; IMTA Sect. 4): a sample
-leaves at the first exit whose top softmax probability reaches that exit's threshold.
-:func:`fit_thresholds` picks thresholds on held-out training data for a target average
-cost, :func:`budgeted_eval` applies them.
+leaves at the first exit whose top softmax probability reaches that exit's threshold;
+the exits are the stages of :mod:`sdpoint_jax.budget`, whose
+:func:`~sdpoint_jax.budget.fit_thresholds` picks thresholds on held-out training data
+for a target average cost and :func:`~sdpoint_jax.budget.budgeted_eval` applies them.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ class EarlyExitMethod(Method):
 
     def exit_probabilities(self, variables: Variables, images: jax.Array) -> jax.Array:
         """Softmax probabilities of every exit, ``(k, B, classes)``: the input of
-        :func:`fit_thresholds` and :func:`budgeted_eval`."""
+        :func:`sdpoint_jax.budget.fit_thresholds` and
+        :func:`sdpoint_jax.budget.budgeted_eval`."""
         logits = self.model.apply(variables, images, train=False)
         return jax.nn.softmax(jnp.stack(logits), axis=-1)
 
@@ -184,7 +186,8 @@ class EarlyExitMethod(Method):
     def exit_gflops(self, image_size: int) -> np.ndarray:
         """GFLOPs ``(k,)`` of one image leaving at each exit in budgeted inference,
         where exits ``1..i-1`` were evaluated before exit ``i``: the ``exit_gflops`` of
-        :func:`fit_thresholds` and :func:`budgeted_eval`."""
+        :func:`sdpoint_jax.budget.fit_thresholds` and
+        :func:`sdpoint_jax.budget.budgeted_eval`."""
         hw = (image_size, image_size)
         return np.array(
             [count_exit_flops(self.model, i, hw, cascade=True) / 1e9 for i in self.eval_settings()]
@@ -192,115 +195,3 @@ class EarlyExitMethod(Method):
 
     def describe(self, setting: int) -> str:
         return f"exit {setting}"
-
-
-def geometric_exit_distribution(log_p: float, num_exits: int) -> np.ndarray:
-    """MSDNet's exit distribution ``q_i ∝ p^i`` (``i = 1..k``) as ``(k,)`` probabilities,
-    computed from ``log p`` in log space (stable for any ``p > 0``)."""
-    logits = log_p * np.arange(1, num_exits + 1, dtype=np.float64)
-    q = np.exp(logits - logits.max())
-    return q / q.sum()
-
-
-def fit_thresholds(
-    probs_per_exit: np.ndarray,
-    exit_gflops: np.ndarray | Sequence[float],
-    target_avg_gflops: float,
-) -> np.ndarray:
-    """Confidence thresholds for a target average cost (MSDNet's budgeted batch
-    classification, as in the authors' and IMTA's ``dynamic_eval_find_threshold``).
-
-    1. The fraction of samples leaving at exit ``i`` follows ``q_i ∝ p^i``; ``p`` is
-       found by bisection (on ``log p``) so that ``sum_i q_i * exit_gflops[i]`` equals
-       the target.
-    2. Going through exits ``1..k-1``, the threshold of exit ``i`` is the top softmax
-       probability of the ``m``-th most confident sample still unexited, ``m`` being
-       the number the quota ``round(N * (q_1 + .. + q_i))`` leaves for exit ``i``
-       (``+inf`` when it is 0). Cumulative rounding keeps the fit set's realised
-       exit fractions within ``1 / N`` of ``q`` (MSDNet floors each quota separately).
-       Ties at a threshold let a few more samples exit.
-
-    Args:
-      probs_per_exit: softmax probabilities ``(k, N, classes)`` of a held-out part of
-        the training set.
-      exit_gflops: ``(k,)`` cost of a sample leaving at each exit (for a cascade:
-        :meth:`EarlyExitMethod.exit_gflops`).
-      target_avg_gflops: the target, between the limits ``exit_gflops[0]`` (every
-        sample leaves at exit 1) and ``exit_gflops[-1]`` (every sample at exit ``k``).
-
-    Returns:
-      thresholds ``(k,)``; the last is ``-inf`` (exit ``k`` takes every sample left).
-    """
-    probs = np.asarray(probs_per_exit, dtype=np.float64)
-    costs = np.asarray(exit_gflops, dtype=np.float64)
-    if probs.ndim != 3 or costs.shape != probs.shape[:1]:
-        raise ValueError(
-            f"need probs (k, N, classes) and exit_gflops (k,), got {probs.shape} and {costs.shape}"
-        )
-    low, high = sorted((costs[0], costs[-1]))
-    if not low <= target_avg_gflops <= high:
-        raise ValueError(
-            f"target {target_avg_gflops} GFLOPs outside [{low}, {high}], the costs of "
-            f"sending every sample to the first or to the last exit"
-        )
-    k, n = probs.shape[:2]
-
-    def expected_cost(log_p: float) -> float:
-        return float(geometric_exit_distribution(log_p, k) @ costs)
-
-    # log p = -/+ 60 put all but ~e^-60 of the mass on the first/last exit
-    lo, hi = -60.0, 60.0
-    increasing = expected_cost(hi) >= expected_cost(lo)
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if (expected_cost(mid) < target_avg_gflops) == increasing:
-            lo = mid
-        else:
-            hi = mid
-    q = geometric_exit_distribution(0.5 * (lo + hi), k)
-
-    confidence = probs.max(axis=-1)
-    quota = np.rint(np.cumsum(q) * n).astype(np.int64)
-    thresholds = np.full(k, -np.inf)
-    remaining = np.ones(n, dtype=bool)
-    for i in range(k - 1):
-        take = min(quota[i] - (n - int(remaining.sum())), int(remaining.sum()))
-        if take <= 0:
-            thresholds[i] = np.inf
-            continue
-        thresholds[i] = np.sort(confidence[i, remaining])[::-1][take - 1]
-        remaining &= confidence[i] < thresholds[i]
-    return thresholds
-
-
-def budgeted_eval(
-    probs_per_exit: np.ndarray,
-    labels: np.ndarray,
-    thresholds: np.ndarray | Sequence[float],
-    exit_gflops: np.ndarray | Sequence[float],
-) -> tuple[float, float]:
-    """Average GFLOPs and top-1 error (%) when each sample leaves at the first exit
-    whose top softmax probability is ``>=`` its threshold (the last exit takes every
-    sample left, whatever its threshold).
-
-    Args:
-      probs_per_exit: softmax probabilities ``(k, N, classes)``.
-      labels: integer labels ``(N,)``.
-      thresholds: ``(k,)``, e.g. from :func:`fit_thresholds`.
-      exit_gflops: ``(k,)`` cost of leaving at each exit.
-    """
-    probs = np.asarray(probs_per_exit)
-    labels = np.asarray(labels)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    costs = np.asarray(exit_gflops, dtype=np.float64)
-    k, n = probs.shape[:2]
-    if labels.shape != (n,) or thresholds.shape != (k,) or costs.shape != (k,):
-        raise ValueError(
-            f"probs {probs.shape} need labels ({n},), thresholds and exit_gflops ({k},); "
-            f"got {labels.shape}, {thresholds.shape}, {costs.shape}"
-        )
-    leaves = probs.max(axis=-1) >= thresholds[:, None]
-    leaves[-1] = True
-    exit_of = np.argmax(leaves, axis=0)
-    predictions = np.argmax(probs[exit_of, np.arange(n)], axis=-1)
-    return float(costs[exit_of].mean()), float(100.0 * np.mean(predictions != labels))

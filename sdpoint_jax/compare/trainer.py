@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax import data, parallel
+from sdpoint_jax.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.checkpoint import CheckpointManager, PreemptionFlag
-from sdpoint_jax.compare.early_exit import budgeted_eval, fit_thresholds
 from sdpoint_jax.compare.method import Method, Setting, Variables
 from sdpoint_jax.train import create_optimizer
 
