@@ -51,7 +51,7 @@ from sdpoint_jax.evaluate import evaluate_instances
 from sdpoint_jax.instance import Instance, InstanceSpace
 from sdpoint_jax.lowmode import LowMode, LowModeSchedule, check_probability
 from sdpoint_jax.models import SDPointModel, create
-from sdpoint_jax.programs import InstancePrograms
+from sdpoint_jax.programs import InstancePrograms, executable_cache
 
 # Config entries that must not change when a run is resumed.
 RESUME_INVARIANTS = (
@@ -237,10 +237,13 @@ def train_programs(
     mesh: Mesh,
     batch_size: int,
     image_size: int,
+    fingerprint: str | None = None,
 ) -> InstancePrograms:
     """Train-step programs keyed by :data:`ProgramKey` (an instance, or a low mode of
     the full instance): state replicated (and donated), batch sharded on the mesh's
-    data axis."""
+    data axis. With a ``fingerprint`` (of everything ``model`` and ``tx`` depend on,
+    e.g. :func:`program_fingerprint`) and the persistent compilation cache on, compiled
+    programs are also kept across runs (:func:`sdpoint_jax.programs.executable_cache`)."""
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def build(key: ProgramKey):
@@ -264,7 +267,35 @@ def train_programs(
         ),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
     }
-    return InstancePrograms(build, (abstract_like(state, replicated), batch), "train steps")
+    executables = None if fingerprint is None else executable_cache(fingerprint)
+    example_args = (abstract_like(state, replicated), batch)
+    return InstancePrograms(build, example_args, "train steps", executables)
+
+
+# Config entries that do not change a train-step program.
+NOT_IN_PROGRAMS = (
+    "max_steps",
+    "log_every_steps",
+    "eval_every_epochs",
+    "eval_batch_size",
+    "eval_split",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "precompile",
+    "compile_workers",
+    "compile_cache_dir",
+    "data_dir",
+)
+
+
+def program_fingerprint(
+    config: ml_collections.ConfigDict, model: SDPointModel, steps_per_epoch: int
+) -> str:
+    """What the train-step programs of a run depend on: the model, the config (but
+    :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate schedule)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAMS}
+    config_text = json.dumps(fields, sort_keys=True, default=list)
+    return "\n".join([repr(model), config_text, str(steps_per_epoch)])
 
 
 @dataclasses.dataclass
@@ -368,7 +399,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     state, draws = _start_state(run, resume)
     start = int(state.step)
     end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
-    programs = train_programs(run.model, run.tx, state, run.mesh, config.batch_size, run.image_size)
+    programs = train_programs(
+        run.model,
+        run.tx,
+        state,
+        run.mesh,
+        config.batch_size,
+        run.image_size,
+        program_fingerprint(config, run.model, run.steps_per_epoch),
+    )
     logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     if config.precompile:
         compile_start = time.perf_counter()

@@ -103,7 +103,7 @@ def test_compile_phases_cold_and_warm(tmp_path, tiny_model):
     assert all(seconds > 0 for seconds in result["program_s"].values())
     assert result["one_program_s"] == result["program_s"]["full"]
     phases = {phase["name"]: phase for phase in result["phases"]}
-    assert list(phases) == ["one_by_one", "parallel", "warm_cache"]
+    assert list(phases) == ["one_by_one", "parallel", "warm_cache", "warm_executables"]
     assert all(phase["seconds"] > 0 for phase in phases.values())
     assert phases["one_by_one"]["seconds"] >= sum(result["program_s"].values())
     # cold runs compile everything; the warm run loads every program from the cache
@@ -113,6 +113,9 @@ def test_compile_phases_cold_and_warm(tmp_path, tiny_model):
         programs,
         0,
     )
+    # loaded executables never reach JAX's cache: nothing is lowered or compiled
+    warm_executables = phases["warm_executables"]
+    assert (warm_executables["cache_hits"], warm_executables["cache_writes"]) == (0, 0)
     assert result["parallel_over_one"] == pytest.approx(
         phases["parallel"]["seconds"] / result["one_program_s"]
     )

@@ -1,26 +1,30 @@
 """Compile time of every train-step program: one by one, in parallel, from a warm cache.
 
 All ``2N + 1`` train-step programs of the target (built as training builds them) are
-compiled three times, each time in a fresh Python process, so that no run profits from
+compiled four times, each time in a fresh Python process, so that no run profits from
 another's in-memory state (JAX's persistent-cache setting is fixed per process once
 used; XLA may keep process-wide tuning results):
 
 1. ``one_by_one``: one program after the other, each timed, persistent cache disabled;
    the full instance, compiled first, gives the cost of one program;
 2. ``parallel``: ``InstancePrograms.precompile(workers=W)``, writing into a new, empty
-   persistent compilation cache (cold);
-3. ``warm_cache``: the same again in a new process, served by that cache, as a resumed
-   or repeated run is.
+   persistent compilation cache and executable cache (cold);
+3. ``warm_cache``: the same again in a new process, served by JAX's persistent cache
+   alone (every program is still traced and lowered);
+4. ``warm_executables``: the same again, served by the executable cache
+   (:class:`sdpoint_jax.programs.ExecutableCache`), as a resumed or repeated training
+   run is.
 
 Times are wall-clock seconds from the first program to the last (tracing, lowering and
-compiling or loading), after the backend has started. The cache is a temporary
+compiling or loading), after the backend has started. The caches are in a temporary
 directory removed at the end.
 
 ``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
 ``platform``, ``jax_version``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
-``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold`` or
-``warm``), ``seconds``, ``cache_hits``, ``cache_writes`` (programs written to the cache))
+``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
+``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (programs
+written to JAX's cache))
 and ``parallel_over_one`` (parallel seconds / one program's seconds).
 """
 
@@ -34,6 +38,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -96,12 +101,14 @@ class CompileJob:
       workers: compile threads (``InstancePrograms.precompile``); ``None`` compiles one
         program after the other on the calling thread and times each.
       cache_dir: persistent compilation cache directory; ``None`` disables the cache.
+      keep_executables: also use the executable cache beside ``cache_dir``.
     """
 
     target: cli.Target
     batch_size: int
     workers: int | None
     cache_dir: str | None
+    keep_executables: bool = False
 
 
 def compile_all(job: CompileJob) -> dict[str, Any]:
@@ -113,7 +120,9 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
     else:
         enable_compilation_cache(job.cache_dir)
     model = job.target.create_model()
-    programs = TrainSteps.create(job.target, model, job.batch_size, abstract=True).programs
+    programs = TrainSteps.create(
+        job.target, model, job.batch_size, abstract=True, keep_executables=job.keep_executables
+    ).programs
     jax.block_until_ready(jnp.zeros(()) + 1)  # start the backend before timing
     events = Counter()
     jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
@@ -138,13 +147,15 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
 def benchmark(
     target: cli.Target, num_programs: int, batch_size: int, workers: int
 ) -> dict[str, Any]:
-    """The three runs (``compile_bench.json``'s content)."""
-    with tempfile.TemporaryDirectory(prefix="sdpoint_jax_bench_cache_") as cache_dir:
-        parallel = CompileJob(target, batch_size, workers, cache_dir)
+    """The four runs (``compile_bench.json``'s content)."""
+    with tempfile.TemporaryDirectory(prefix="sdpoint_jax_bench_cache_") as root:
+        cache_dir = str(Path(root) / "xla")  # executables go beside it, also in root
+        keeping = CompileJob(target, batch_size, workers, cache_dir, keep_executables=True)
         jobs = {
             "one_by_one": ("off", CompileJob(target, batch_size, None, None)),
-            "parallel": ("cold", parallel),
-            "warm_cache": ("warm", parallel),
+            "parallel": ("cold", keeping),
+            "warm_cache": ("warm", CompileJob(target, batch_size, workers, cache_dir)),
+            "warm_executables": ("executables", keeping),
         }
         results = {}
         for name, (cache, job) in jobs.items():

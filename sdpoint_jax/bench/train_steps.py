@@ -51,10 +51,17 @@ class TrainSteps:
 
     @classmethod
     def create(
-        cls, target: Target, model: SDPointModel, batch_size: int, *, abstract: bool = False
+        cls,
+        target: Target,
+        model: SDPointModel,
+        batch_size: int,
+        *,
+        abstract: bool = False,
+        keep_executables: bool = False,
     ) -> TrainSteps:
         """Steps of global batch ``batch_size``; ``ValueError`` unless the device count
-        divides it."""
+        divides it. ``keep_executables``: programs are also kept in (and loaded from)
+        the executable cache beside the persistent compilation cache."""
         mesh = parallel.create_mesh()
         parallel.check_batch_size(batch_size, mesh)
         tx = create_optimizer(run_config(target), STEPS_PER_EPOCH)
@@ -62,5 +69,8 @@ class TrainSteps:
         state = jax.eval_shape(init)
         if not abstract:
             state = parallel.replicate(zeros_like(state), mesh)
-        programs = train_programs(model, tx, state, mesh, batch_size, target.image_size)
+        fingerprint = repr((model, target, STEPS_PER_EPOCH)) if keep_executables else None
+        programs = train_programs(
+            model, tx, state, mesh, batch_size, target.image_size, fingerprint
+        )
         return cls(mesh, state, programs)

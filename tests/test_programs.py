@@ -1,0 +1,84 @@
+"""Compiled programs kept across runs: a second set of programs loads them without
+tracing, computes the same, still donates; any change of fingerprint misses; a
+damaged file is compiled again."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdpoint_jax.programs import (
+    ExecutableCache,
+    InstancePrograms,
+    enable_compilation_cache,
+    executable_cache,
+)
+
+EXAMPLE = (jax.ShapeDtypeStruct((3, 4), jnp.float32),)
+
+
+def programs(cache: ExecutableCache, traced: list) -> InstancePrograms:
+    def build(key: float):
+        def scaled(x):
+            traced.append(key)
+            return jnp.sin(x) * key
+
+        return jax.jit(scaled, donate_argnums=0)
+
+    return InstancePrograms(build, EXAMPLE, "test", cache)
+
+
+def test_second_run_loads_programs_without_tracing(tmp_path):
+    traced: list = []
+    first = programs(ExecutableCache(tmp_path, "fingerprint"), traced)
+    first.precompile([2.0, 3.0], workers=2)
+    assert sorted(traced) == [2.0, 3.0]
+    assert len(list(tmp_path.glob("*.executable"))) == 2
+
+    second = programs(ExecutableCache(tmp_path, "fingerprint"), traced)
+    second.precompile([2.0, 3.0], workers=2)
+    assert sorted(traced) == [2.0, 3.0]  # nothing traced again
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for key in (2.0, 3.0):
+        np.testing.assert_array_equal(
+            np.asarray(second[key](jnp.asarray(x))), np.asarray(first[key](jnp.asarray(x)))
+        )
+    donated = jnp.asarray(x)
+    second[2.0](donated)
+    assert donated.is_deleted()
+
+
+def test_another_fingerprint_or_shape_is_another_program(tmp_path):
+    cache = ExecutableCache(tmp_path, "a")
+    assert cache.path(2.0, EXAMPLE) != ExecutableCache(tmp_path, "b").path(2.0, EXAMPLE)
+    assert cache.path(2.0, EXAMPLE) != cache.path(3.0, EXAMPLE)
+    other = (jax.ShapeDtypeStruct((3, 5), jnp.float32),)
+    assert cache.path(2.0, EXAMPLE) != cache.path(2.0, other)
+    assert cache.path(2.0, EXAMPLE) == ExecutableCache(tmp_path, "a").path(2.0, EXAMPLE)
+
+
+def test_damaged_file_is_compiled_again_and_replaced(tmp_path, capsys):
+    traced: list = []
+    cache = ExecutableCache(tmp_path, "fingerprint")
+    programs(cache, traced)[2.0]
+    path = cache.path(2.0, EXAMPLE)
+    path.write_bytes(path.read_bytes()[:100])
+    again = programs(cache, traced)
+    x = jnp.ones((3, 4))
+    np.testing.assert_allclose(np.asarray(again[2.0](x)), np.sin(1.0) * 2.0, rtol=1e-6)
+    assert traced == [2.0, 2.0]
+    assert "ignoring unreadable cached executable" in capsys.readouterr().out
+    assert cache.load(path) is not None  # replaced by a good one
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_executables_live_beside_the_compilation_cache(tmp_path):
+    enable_compilation_cache(tmp_path / "xla")
+    cache = executable_cache("fingerprint")
+    assert cache is not None and cache.directory == tmp_path / "xla-executables"
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        assert executable_cache("fingerprint") is None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
