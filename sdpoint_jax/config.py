@@ -66,8 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dropout_rate = 0.3  # WRN dropout between the convs of each block
     c.stochastic_depth = 0.5  # drop rate of the last block, linear decay
     c.stochastic_passes = 0  # >0: also stochastic inference averaged over this many passes
-    c.holdout_split = config_dict.placeholder(str)  # fits early-exit budget thresholds
-    c.budget_points = 8  # budgeted early-exit inference: average-cost targets
+    # held-out training images (e.g. "train[45000:]" with train_split "train[:45000]"):
+    # the confidence thresholds of early exits and of `evaluate --cascade` are fit there
+    c.holdout_split = config_dict.placeholder(str)
+    c.budget_points = 8  # budgeted inference (exits, cascade): average-cost targets
     return c
 
 

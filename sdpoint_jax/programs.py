@@ -141,9 +141,10 @@ class ExecutableCache:
 
 def executable_cache(fingerprint: str) -> ExecutableCache | None:
     """An :class:`ExecutableCache` beside the persistent compilation cache
-    (``<jax_compilation_cache_dir>-executables``), or None while that cache is off."""
+    (``<jax_compilation_cache_dir>-executables``), or None while that cache is off and
+    in multi-process runs (whose executables span hosts)."""
     directory = jax.config.jax_compilation_cache_dir
-    if not directory or not jax.config.jax_enable_compilation_cache:
+    if not directory or not jax.config.jax_enable_compilation_cache or jax.process_count() > 1:
         return None
     directory = Path(directory)
     return ExecutableCache(directory.with_name(directory.name + "-executables"), fingerprint)
