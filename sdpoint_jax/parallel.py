@@ -9,6 +9,7 @@ Multi-host runs call :func:`initialize_distributed` first.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -58,6 +59,14 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         name: jax.make_array_from_process_local_data(sharding, value)
         for name, value in batch.items()
     }
+
+
+def shard_batches(
+    batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
+) -> Iterator[dict[str, jax.Array]]:
+    """:func:`shard_batch` of every batch, lazily."""
+    for batch in batches:
+        yield shard_batch(batch, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

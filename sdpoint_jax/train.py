@@ -434,7 +434,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         schedule = learning_rate_schedule(config, run.steps_per_epoch)
         last_log = (start, time.perf_counter())
         clock = _TrainClock()
-        for step, batch in zip(range(start, end), _sharded(batches, run.mesh), strict=False):
+        for step, batch in zip(
+            range(start, end), parallel.shard_batches(batches, run.mesh), strict=False
+        ):
             key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
             draws[str(key)] += 1
             state, metrics = programs[key](state, batch)
@@ -501,11 +503,6 @@ def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
 def _save(manager, config, step, state, draws, metrics) -> None:
     checkpoint = {"state": state, "draws": {k: int(v) for k, v in draws.items()}}
     manager.save(step, checkpoint, config=config.to_dict(), metrics=metrics, force=True)
-
-
-def _sharded(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh) -> Iterator[dict]:
-    for batch in batches:
-        yield parallel.shard_batch(batch, mesh)
 
 
 def _full_accuracy(run: Run, state: TrainState) -> float:

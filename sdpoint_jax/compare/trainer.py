@@ -12,7 +12,6 @@ saves the running method's checkpoint and raises :class:`Preempted`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +62,6 @@ def _train_step(
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
-def _sharded(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh) -> Iterator[dict]:
-    for batch in batches:
-        yield parallel.shard_batch(batch, mesh)
-
-
 def train_method(
     method: Method,
     config: ml_collections.ConfigDict,
@@ -115,7 +109,9 @@ def train_method(
             train_split=config.train_split,
         )
         bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step")
-        for step, batch in zip(range(start, total), _sharded(batches, mesh), strict=False):
+        for step, batch in zip(
+            range(start, total), parallel.shard_batches(batches, mesh), strict=False
+        ):
             setting = method.train_setting(config.seed, step)
             if setting not in programs:
                 programs[setting] = jax.jit(
