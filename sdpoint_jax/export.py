@@ -42,7 +42,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 import argparse
 import json
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sdpoint_jax.checkpoint import CheckpointError, CheckpointManager
-from sdpoint_jax.data import DatasetUnavailableError
+from sdpoint_jax.checkpoint import CheckpointManager
+from sdpoint_jax.cli import report_user_errors
 from sdpoint_jax.datasets import DatasetSpec
 from sdpoint_jax.flops import count_flops
 from sdpoint_jax.instance import Instance
@@ -318,23 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    platforms = check_platforms(args.platforms)
+    config = run_config(args.workdir, args.config, args.data_dir)
+    return export_run(args.workdir, args.instances, args.out, config=config, platforms=platforms)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    try:
-        platforms = check_platforms(args.platforms)
-        config = run_config(args.workdir, args.config, args.data_dir)
-        return export_run(
-            args.workdir, args.instances, args.out, config=config, platforms=platforms
-        )
-    except (
-        CheckpointError,
-        DatasetUnavailableError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    """Parses ``argv`` (default: the command line) and exports; returns the manifest.
+    Bad input ends with ``error: ...`` and exit status 1."""
+    return report_user_errors(_export_from_args, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ Any config field can be overridden: ``--config.num_epochs=10``,
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sdpoint_jax import parallel
-from sdpoint_jax.checkpoint import CheckpointError
-from sdpoint_jax.data import DatasetUnavailableError
+from sdpoint_jax.cli import quiet_library_logs, report_user_errors
 from sdpoint_jax.programs import enable_compilation_cache
 
 COMMANDS = ("train", "calibrate", "evaluate", "select", "all")
@@ -79,14 +77,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"give one command out of {', '.join(COMMANDS)}; got {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # keep library logs off the console
+    quiet_library_logs()
     parallel.initialize_distributed()
-    try:
-        run_command(argv[1])
-    except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    report_user_errors(run_command, argv[1])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 SETTINGS = ("baseline", "low", "sdpoint", "sdpoint+low")
@@ -130,29 +129,28 @@ def time_to_accuracy(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     return rows
 
 
-config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per setting).")
-FLAGS = flags.FLAGS
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
-    from sdpoint_jax.checkpoint import CheckpointError
-    from sdpoint_jax.data import DatasetUnavailableError
+    """The command line (flags defined by :func:`define_flags`)."""
+    from sdpoint_jax.cli import quiet_library_logs, report_user_errors
     from sdpoint_jax.programs import enable_compilation_cache
 
-    enable_compilation_cache(FLAGS.config.compile_cache_dir)
-    try:
-        time_to_accuracy(FLAGS.config, FLAGS.workdir)
-    except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if len(argv) != 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if config is None or not workdir:
+        raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
+    quiet_library_logs()
+    enable_compilation_cache(config.compile_cache_dir)
+    report_user_errors(time_to_accuracy, config, workdir)
+
+
+def define_flags() -> None:
+    """``--config`` and ``--workdir`` (only when run as a program: importing this
+    module as a library defines no flags)."""
+    config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per setting).")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

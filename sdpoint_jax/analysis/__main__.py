@@ -25,16 +25,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from absl import logging
 
-from sdpoint_jax.checkpoint import CheckpointError
+from sdpoint_jax.cli import report_user_errors
 from sdpoint_jax.config import load_config
-from sdpoint_jax.data import DatasetUnavailableError
 from sdpoint_jax.programs import enable_compilation_cache
 
 
@@ -149,8 +147,4 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.ERROR)  # keep library logs off the console
-    try:
-        main()
-    except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    report_user_errors(main)

@@ -13,12 +13,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sdpoint_jax import parallel
-from sdpoint_jax.checkpoint import CheckpointError
-from sdpoint_jax.data import DatasetUnavailableError
+from sdpoint_jax.cli import quiet_library_logs, report_user_errors
 from sdpoint_jax.programs import enable_compilation_cache
 
 config_flags.DEFINE_config_file("config", None, "Comparison configuration file.", lock_config=True)
@@ -31,20 +30,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None or not FLAGS.workdir:
         raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
+    quiet_library_logs()
     parallel.initialize_distributed()
     from sdpoint_jax.compare.run import run_comparison
     from sdpoint_jax.compare.trainer import Preempted
 
     enable_compilation_cache(FLAGS.config.compile_cache_dir)
     try:
-        run_comparison(FLAGS.config, FLAGS.workdir)
+        report_user_errors(run_comparison, FLAGS.config, FLAGS.workdir)
     except Preempted as stop:
         print(f"{stop}; run the same command again to resume", file=sys.stderr)
-    except (CheckpointError, DatasetUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
