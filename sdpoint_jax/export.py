@@ -139,7 +139,7 @@ def measured_errors(
     """``{instance: {"top1_error", "top5_error", "evaluated_examples"}}`` from
     ``workdir/results.json`` when it is newer than step ``step``'s training checkpoint
     and calibration; else ``{}``."""
-    from sdpoint_jax.evaluate import RESULTS_JSON
+    from sdpoint_jax.evaluate import RESULTS_JSON, read_results
     from sdpoint_jax.workflow import CALIBRATED
 
     path = workdir / RESULTS_JSON
@@ -149,7 +149,7 @@ def measured_errors(
         return {}
     rows = {
         Instance(r["point"], r["ratio"]): r
-        for r in json.loads(path.read_text())
+        for r in read_results(workdir)
         if r["bn_mode"] == bn_mode
     }
     return {
