@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,10 @@ class LowMode:
     ratio: int = 2
     resize: str = "gaussian"
 
+    NAME_PREFIX: ClassVar[str] = "low:"
+    """``str(low_mode)`` is this prefix and the ratio, e.g. ``"low:2"`` (the key of its
+    step count among a run's draws)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
         if self.resize not in RESIZE_METHODS:
@@ -104,7 +108,7 @@ class LowMode:
         return height // self.ratio, width // self.ratio
 
     def __str__(self) -> str:
-        return f"low:{self.ratio}"
+        return f"{self.NAME_PREFIX}{self.ratio}"
 
 
 # --------------------------------------------------------------------------------------

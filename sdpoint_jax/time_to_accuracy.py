@@ -39,8 +39,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from sdpoint_jax.lowmode import LowMode
+
 SETTINGS = ("baseline", "low", "sdpoint", "sdpoint+low")
-LOW_MODE_PREFIX = "low:"  # str() of a LowMode program key
 
 
 def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
@@ -74,7 +75,7 @@ def summarize(log_rows: Sequence[dict[str, Any]], targets: Sequence[float]) -> d
     if not evaluations:
         raise ValueError("the training log holds no evaluation")
     draws = next((row["draws"] for row in reversed(log_rows) if "draws" in row), {})
-    low_steps = sum(n for key, n in draws.items() if key.startswith(LOW_MODE_PREFIX))
+    low_steps = sum(n for key, n in draws.items() if key.startswith(LowMode.NAME_PREFIX))
     step, accuracy, seconds = evaluations[-1]
     summary = {
         "steps": step,
