@@ -12,7 +12,10 @@ JAX's cache is keyed by the lowered program, so a second run still traces and lo
 every program in Python first (about 1.8 s per WRN-28-10 train step). An
 :class:`ExecutableCache` keeps the compiled executables themselves, keyed by a
 fingerprint of everything that determines them, so a hit skips tracing, lowering and
-compiling: the executable is read and loaded.
+compiling: the executable is read and loaded. It only keeps programs XLA compiled in
+this process: an executable that JAX's cache loaded is not serialised again, since
+XLA:CPU then writes it without its machine code (loading that file later fails with
+"Function ... not found").
 """
 
 from __future__ import annotations
@@ -46,6 +49,27 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+_PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_compile_record = threading.local()
+
+
+def _note_persistent_cache_hit(event: str, **_: Any) -> None:
+    if event == _PERSISTENT_CACHE_HIT:
+        _compile_record.persistent_cache_hit = True
+
+
+jax.monitoring.register_event_listener(_note_persistent_cache_hit)
+
+
+def _compile(function: Any, example_args: tuple) -> tuple[Any, bool]:
+    """``function.lower(*example_args).compile()`` and whether JAX's persistent
+    compilation cache supplied the executable (counted in this thread only, so
+    parallel compiles do not mix)."""
+    _compile_record.persistent_cache_hit = False
+    compiled = function.lower(*example_args).compile()
+    return compiled, _compile_record.persistent_cache_hit
 
 
 @functools.cache
@@ -178,12 +202,13 @@ class InstancePrograms:
 
     def _compile(self, key: Hashable) -> Any:
         if self._executables is None:
-            return self._build(key).lower(*self._example_args).compile()
+            return _compile(self._build(key), self._example_args)[0]
         path = self._executables.path(key, self._example_args)
         compiled = self._executables.load(path)
         if compiled is None:
-            compiled = self._build(key).lower(*self._example_args).compile()
-            self._executables.store(path, compiled)
+            compiled, from_persistent_cache = _compile(self._build(key), self._example_args)
+            if not from_persistent_cache:
+                self._executables.store(path, compiled)
         return compiled
 
     def __getitem__(self, key: Hashable) -> Any:

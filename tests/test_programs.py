@@ -4,6 +4,10 @@ damaged file is compiled again."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +20,7 @@ from sdpoint_jax.programs import (
 )
 
 EXAMPLE = (jax.ShapeDtypeStruct((3, 4), jnp.float32),)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def programs(cache: ExecutableCache, traced: list) -> InstancePrograms:
@@ -82,3 +87,44 @@ def test_executables_live_beside_the_compilation_cache(tmp_path):
         assert executable_cache("fingerprint") is None
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
+
+
+PROGRAM_RUN = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from sdpoint_jax.programs import InstancePrograms, enable_compilation_cache, executable_cache
+
+enable_compilation_cache(sys.argv[1])
+def build(key):
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.transpose(y, (0, 3, 1, 2)).sum() * key + jax.nn.relu(y).mean()
+    return jax.jit(jax.grad(loss, argnums=1))
+args = (
+    jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32),
+)
+programs = InstancePrograms(build, args, "test", executable_cache(sys.argv[2]))
+grad = programs[2.0](jnp.ones((8, 16, 16, 3)), jnp.ones((3, 3, 3, 8)))
+print(float(np.asarray(grad).sum()))
+"""
+
+
+def test_program_from_the_compilation_cache_is_not_kept_as_an_executable(tmp_path):
+    # XLA:CPU serialises an executable that JAX's cache loaded without its machine code:
+    # keeping it would make every later run fail with "Function ... not found".
+    def run(fingerprint: str) -> str:
+        command = [sys.executable, "-c", PROGRAM_RUN, str(tmp_path / "xla"), fingerprint]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    executables = tmp_path / "xla-executables"
+    expected = run("first")  # compiled: kept by both caches
+    assert len(list(executables.glob("*.executable"))) == 1
+    assert run("second") == expected  # JAX's cache hit: not kept
+    assert len(list(executables.glob("*.executable"))) == 1
+    assert run("second") == expected
+    assert run("first") == expected  # loaded from the executable cache
