@@ -242,22 +242,31 @@ def test_interrupted_write_is_never_the_latest_step(tmp_path: Path) -> None:
 
 def test_process_killed_while_saving_leaves_the_previous_step(tmp_path: Path) -> None:
     # Saves are asynchronous: save() returns while the 64 MiB array is still being
-    # written, and os._exit() ends the process as SIGKILL would, without closing.
+    # written. The child waits until the temporary directory of step 2 exists (orbax
+    # may create it in its background thread), then os._exit() ends the process as
+    # SIGKILL would, without closing.
     child = textwrap.dedent(
         f"""
-        import os
+        import os, pathlib, time
         import jax.numpy as jnp
         from sdpoint_jax.checkpoint import CheckpointManager
-        manager = CheckpointManager({str(tmp_path)!r})
+        directory = pathlib.Path({str(tmp_path)!r})
+        manager = CheckpointManager(directory)
         manager.save(1, {{"w": jnp.zeros(4096)}}, config={{}})
         manager.wait_until_finished()
         manager.save(2, {{"w": jnp.ones((4096, 4096))}}, config={{}})
+        deadline = time.monotonic() + 60
+        while not list(directory.glob("2.orbax-checkpoint-tmp*")):
+            if (directory / "2").exists() or time.monotonic() > deadline:
+                os._exit(3)
+            time.sleep(0.001)
         os._exit(0)
         """
     )
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", child], cwd=repo, check=True, capture_output=True)
-    assert (tmp_path / "2.orbax-checkpoint-tmp").is_dir()
+    done = subprocess.run([sys.executable, "-c", child], cwd=repo, capture_output=True)
+    assert done.returncode == 0, "step 2 was never seen half-written"
+    assert list(tmp_path.glob("2.orbax-checkpoint-tmp*"))
 
     with CheckpointManager(tmp_path) as manager:
         assert manager.latest_step() == 1
