@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from sdpoint_jax.programs import (
     ExecutableCache,
@@ -21,6 +23,19 @@ from sdpoint_jax.programs import (
 
 EXAMPLE = (jax.ShapeDtypeStruct((3, 4), jnp.float32),)
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def persistent_cache_off():
+    """JAX's persistent compilation cache off for one test (other tests may have turned
+    it on in this process): every program is then compiled, and kept by the executable
+    cache."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def programs(cache: ExecutableCache, traced: list) -> InstancePrograms:
@@ -34,6 +49,7 @@ def programs(cache: ExecutableCache, traced: list) -> InstancePrograms:
     return InstancePrograms(build, EXAMPLE, "test", cache)
 
 
+@pytest.mark.usefixtures("persistent_cache_off")
 def test_second_run_loads_programs_without_tracing(tmp_path):
     traced: list = []
     first = programs(ExecutableCache(tmp_path, "fingerprint"), traced)
@@ -63,6 +79,7 @@ def test_another_fingerprint_or_shape_is_another_program(tmp_path):
     assert cache.path(2.0, EXAMPLE) == ExecutableCache(tmp_path, "a").path(2.0, EXAMPLE)
 
 
+@pytest.mark.usefixtures("persistent_cache_off")
 def test_damaged_file_is_compiled_again_and_replaced(tmp_path, capsys):
     traced: list = []
     cache = ExecutableCache(tmp_path, "fingerprint")
