@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ratios = (0.5, 0.75)
     c.bn_mode = "instance"  # or "uniform" (UBN: one set of statistics)
     c.dtype = "float32"  # compute dtype; "bfloat16" for accelerators
-    c.conv_lowering = "auto"  # "xla", "matmul_grad" (fast CPU kernel gradients); auto by backend
+    c.conv_lowering = "auto"  # "xla", "matmul_grad" (fast CPU training); auto by backend
     # low mode (sdpoint_jax.lowmode, paper 003): off while every probability is 0
     c.low_mode_prob = 0.0  # p_low of every epoch
     c.low_mode_epoch_probs = config_dict.placeholder(tuple)  # or one p_low per epoch

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_kernel_grad
+from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_grad
 
 RESIZE_METHODS: tuple[str, ...] = ("gaussian", "bilinear")
 
@@ -206,9 +206,7 @@ class DownsampledKernelConv:
             raise ValueError("low-mode kernels support undilated convolutions only")
         small = downsample_kernel(rhs, self.ratio)
         pads = tuple((k // 2, k // 2) for k in small.shape[:2])
-        conv = (
-            conv_matmul_kernel_grad if self.lowering == "matmul_grad" else lax.conv_general_dilated
-        )
+        conv = conv_matmul_grad if self.lowering == "matmul_grad" else lax.conv_general_dilated
         return conv(
             lhs,
             small,

@@ -1,9 +1,10 @@
-"""The matmul-kernel-gradient convolution equals XLA's convolution, values and gradients."""
+"""The patch-matrix convolution equals XLA's: values, differentiated outputs, gradients."""
 
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from jax import lax
 
 from sdpoint_jax.conv_lowering import (
-    conv_matmul_kernel_grad,
+    conv_matmul_grad,
     inference_compiler_options,
+    matmul_kernel_grad_pays,
     resolve_conv_lowering,
 )
 from sdpoint_jax.instance import Instance
@@ -28,8 +30,8 @@ def _reference(x, kernel, strides, padding):
 
 def _ours(x, kernel, strides, padding):
     """The matrix-product kernel gradient for every size (no size rule)."""
-    return conv_matmul_kernel_grad(
-        x, kernel, strides, padding, dimension_numbers=NHWC, min_channels=1, min_input_elements=1
+    return conv_matmul_grad(
+        x, kernel, strides, padding, dimension_numbers=NHWC, min_gradient_work=1
     )
 
 
@@ -53,11 +55,13 @@ def test_values_and_both_gradients_equal_xla(hw, kernel, stride, padding):
     np.testing.assert_allclose(_ours(x, w, strides, padding), out, rtol=1e-5, atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
 
-    def grads(conv):
-        return jax.vjp(lambda a, b: conv(a, b, strides, padding), x, w)[1](cotangent)
+    def output_and_grads(conv):  # the output of a differentiated call, its gradients
+        y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, w)
+        return (y, *vjp(cotangent))
 
-    for ours, ref in zip(jax.jit(lambda: grads(_ours))(), grads(_reference), strict=True):
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    ours, ref = jax.jit(lambda: output_and_grads(_ours))(), output_and_grads(_reference)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_grouped_and_dilated_convolutions_fall_back_to_xla():
@@ -66,37 +70,56 @@ def test_grouped_and_dilated_convolutions_fall_back_to_xla():
     grouped = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
     pads = ((1, 1), (1, 1))
     np.testing.assert_array_equal(
-        conv_matmul_kernel_grad(
-            x, grouped, (1, 1), pads, dimension_numbers=NHWC, feature_group_count=2
-        ),
+        conv_matmul_grad(x, grouped, (1, 1), pads, dimension_numbers=NHWC, feature_group_count=2),
         lax.conv_general_dilated(
             x, grouped, (1, 1), pads, dimension_numbers=NHWC, feature_group_count=2
         ),
     )
     dense = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.float32)
     np.testing.assert_array_equal(
-        conv_matmul_kernel_grad(
-            x, dense, (1, 1), pads, rhs_dilation=(2, 2), dimension_numbers=NHWC
-        ),
+        conv_matmul_grad(x, dense, (1, 1), pads, rhs_dilation=(2, 2), dimension_numbers=NHWC),
         lax.conv_general_dilated(
             x, dense, (1, 1), pads, rhs_dilation=(2, 2), dimension_numbers=NHWC
         ),
     )
 
 
-def test_size_rule_keeps_small_convolutions_on_xla():
-    def kernel_grad_convolutions(shape, channels):
-        x = jnp.ones(shape, jnp.float32)
-        w = jnp.ones((3, 3, shape[-1], channels), jnp.float32)
+@pytest.mark.parametrize(
+    "shape, kernel_size, channels, matmul",
+    [
+        ((2, 16, 16, 32), 3, 32, False),  # 16*16 * 32 * 32: XLA
+        ((2, 32, 32, 16), 3, 16, False),  # 32*32 * 16 * 16: XLA
+        ((2, 32, 32, 16), 3, 32, True),  # 32*32 * 32 * 16: matrix product
+        ((2, 8, 8, 256), 3, 256, True),  # 8*8 * 256 * min(256, 32): matrix product
+        ((2, 8, 8, 4), 1, 4, True),  # 1x1: always the matrix product
+    ],
+)
+def test_size_rule_keeps_small_convolutions_on_xla(shape, kernel_size, channels, matmul):
+    x = jnp.ones(shape, jnp.float32)
+    w = jnp.ones((kernel_size, kernel_size, shape[-1], channels), jnp.float32)
 
-        def loss(w):
-            return jnp.sum(conv_matmul_kernel_grad(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
+    def loss(w):
+        return jnp.sum(conv_matmul_grad(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
 
-        return jax.jit(jax.grad(loss)).lower(w).compile().as_text().count(" convolution(")
+    hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+    assert hlo.count(" convolution(") == (0 if matmul else 1)
+    assert matmul_kernel_grad_pays(shape, w.shape) == matmul
 
-    assert kernel_grad_convolutions((2, 16, 16, 32), 32) == 1  # 8192 elements: XLA
-    assert kernel_grad_convolutions((2, 32, 32, 16), 16) == 1  # 16 channels: XLA
-    assert kernel_grad_convolutions((2, 32, 32, 32), 32) == 0  # large: matrix product
+
+def _conv_shapes(model, variables, images, instance) -> list[tuple[tuple, tuple]]:
+    """(input shape, HWIO kernel shape) of every convolution in one forward pass."""
+    shapes = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.Conv):
+            kernel = (*module.kernel_size, args[0].shape[-1], module.features)
+            shapes.append((args[0].shape, kernel))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, images, instance=instance, train=False)
+    return shapes
 
 
 @pytest.mark.parametrize("instance", [Instance.full(), Instance(2, 0.5)])
@@ -125,14 +148,12 @@ def test_model_loss_gradients_equal_across_lowerings(instance):
         loss_grads(models["matmul_grad"]),
         loss_grads(models["xla"]),
     )
-    # One convolution fewer per layer large enough for the matrix product: in the full
-    # network, every layer but the 3-channel stem; a downsampled one has smaller maps.
-    kernels = [leaf for leaf in jax.tree.leaves(variables["params"]) if leaf.ndim == 4]
-    large = sum(kernel.shape[2] >= 32 for kernel in kernels)
-    if instance == Instance.full():
-        assert our_convs == ref_convs - large
-    else:
-        assert ref_convs - large < our_convs < ref_convs
+    # Three convolutions fewer (forward, input and kernel gradients) per layer large
+    # enough for the matrix products.
+    shapes = _conv_shapes(models["xla"], variables, images, instance)
+    large = sum(matmul_kernel_grad_pays(x, kernel) for x, kernel in shapes)
+    assert 0 < large < len(shapes)
+    assert our_convs == ref_convs - 3 * large
     assert jax.tree.structure(ours) == jax.tree.structure(ref)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

@@ -32,8 +32,9 @@ class SDPointModel(nn.Module, kw_only=True):
       bn_axis_name: mapped axis to average BN batch statistics over (``shard_map``).
       bn_momentum: BN running-statistics momentum (0.9 = PyTorch's 0.1).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-      conv_lowering: ``"xla"`` (default) or ``"matmul_grad"`` (kernel gradients as
-        matrix products, fast on CPU; see :mod:`sdpoint_jax.conv_lowering`).
+      conv_lowering: ``"xla"`` (default) or ``"matmul_grad"`` (training through
+        matrix products over patch matrices, fast on CPU; see
+        :mod:`sdpoint_jax.conv_lowering`).
     """
 
     num_classes: int = 10

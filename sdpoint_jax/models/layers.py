@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_kernel_grad
+from sdpoint_jax.conv_lowering import ConvLowering, conv_matmul_grad
 from sdpoint_jax.lowmode import DownsampledKernelConv
 from sdpoint_jax.pooling import adaptive_avg_pool, adaptive_max_pool
 
@@ -40,8 +40,9 @@ def conv(
 ) -> nn.Conv:
     """A ``kernel x kernel`` convolution padded like PyTorch's ``padding=kernel // 2``.
 
-    ``lowering="matmul_grad"`` computes the kernel gradient as a matrix product (fast
-    on XLA:CPU, see :mod:`sdpoint_jax.conv_lowering`); parameters are the same.
+    ``lowering="matmul_grad"`` differentiates it through matrix products over its patch
+    matrix (fast on XLA:CPU, see :mod:`sdpoint_jax.conv_lowering`); parameters are the
+    same.
     ``kernel_ratio=r`` (low mode) convolves with the kernel average-pooled by ``r``
     (:class:`sdpoint_jax.lowmode.DownsampledKernelConv`, padded for the smaller
     kernel); the parameter is still the full-size kernel.
@@ -49,7 +50,7 @@ def conv(
     if kernel_ratio is not None:
         hook = DownsampledKernelConv(kernel_ratio, lowering)
     elif lowering == "matmul_grad":
-        hook = conv_matmul_kernel_grad
+        hook = conv_matmul_grad
     else:
         hook = None
     pad = kernel // 2
