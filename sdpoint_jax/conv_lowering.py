@@ -87,7 +87,7 @@ def _patches(
     return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
-def matmul_kernel_grad_pays(
+def patch_matmuls_pay(
     input_shape: Sequence[int],
     kernel_shape: Sequence[int],
     min_gradient_work: int = MIN_GRADIENT_WORK,
@@ -163,12 +163,12 @@ def conv_matmul_grad(
     Plain 2-D ``NHWC``/``HWIO`` convolutions (any stride and padding, no dilation, one
     group) that are large enough (see the module docstring) are differentiated through
     the patch matrix; anything else is passed to ``lax.conv_general_dilated`` unchanged.
-    ``min_gradient_work`` (see :func:`matmul_kernel_grad_pays`) sets "large enough".
+    ``min_gradient_work`` (see :func:`patch_matmuls_pay`) sets "large enough".
     """
     use_matmul = (
         lhs.ndim == 4
         and rhs.ndim == 4
-        and matmul_kernel_grad_pays(lhs.shape, rhs.shape, min_gradient_work)
+        and patch_matmuls_pay(lhs.shape, rhs.shape, min_gradient_work)
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None

@@ -14,7 +14,7 @@ from jax import lax
 from sdpoint_jax.conv_lowering import (
     conv_matmul_grad,
     inference_compiler_options,
-    matmul_kernel_grad_pays,
+    patch_matmuls_pay,
     resolve_conv_lowering,
 )
 from sdpoint_jax.instance import Instance
@@ -103,7 +103,7 @@ def test_size_rule_keeps_small_convolutions_on_xla(shape, kernel_size, channels,
 
     hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
     assert hlo.count(" convolution(") == (0 if matmul else 1)
-    assert matmul_kernel_grad_pays(shape, w.shape) == matmul
+    assert patch_matmuls_pay(shape, w.shape) == matmul
 
 
 def _conv_shapes(model, variables, images, instance) -> list[tuple[tuple, tuple]]:
@@ -151,7 +151,7 @@ def test_model_loss_gradients_equal_across_lowerings(instance):
     # Three convolutions fewer (forward, input and kernel gradients) per layer large
     # enough for the matrix products.
     shapes = _conv_shapes(models["xla"], variables, images, instance)
-    large = sum(matmul_kernel_grad_pays(x, kernel) for x, kernel in shapes)
+    large = sum(patch_matmuls_pay(x, kernel) for x, kernel in shapes)
     assert 0 < large < len(shapes)
     assert our_convs == ref_convs - 3 * large
     assert jax.tree.structure(ours) == jax.tree.structure(ref)
