@@ -1,17 +1,42 @@
-"""Shared test helpers: tiny models and traced records of what a forward pass did."""
+"""Shared test helpers: tiny models, traced records of what a forward pass did, and a
+tiny config on the real CIFAR-10 beside the project."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
+from sdpoint_jax.config import cifar_config
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
+
+# Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and
+# checkpoint use it: tfds mock data races with orbax's background writes.
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
+needs_cifar10 = pytest.mark.skipif(
+    not (SHARED_DATA_DIR / "cifar10").is_dir(),
+    reason=f"CIFAR-10 is not prepared in {SHARED_DATA_DIR}",
+)
+
+
+def tiny_cifar10_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The WRN-10-1 CIFAR-10 config on :data:`SHARED_DATA_DIR` with ``fields`` set (each
+    must be an existing field)."""
+    config = cifar_config("wrn-10-1", "cifar10")
+    config.data_dir = str(SHARED_DATA_DIR)
+    for name, value in fields.items():
+        if name not in config:
+            raise KeyError(f"the config has no field {name!r}")
+        setattr(config, name, value)
+    return config
 
 
 def init_variables(model: SDPointModel, hw: tuple[int, int], batch: int = 2):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,15 +24,12 @@ from sdpoint_jax.cascade import (
     instance_probabilities,
     top1_errors,
 )
-from sdpoint_jax.config import cifar_config
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.programs import enable_compilation_cache
 from sdpoint_jax.train import train
 from sdpoint_jax.workflow import cascade_holdout, evaluate_run
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
+from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 STAGES = [Instance(1, 0.5), Instance(2, 0.5), Instance.full()]
 STAGE_GFLOPS = [0.5, 1.0, 2.0]
@@ -266,19 +262,18 @@ def test_instance_probabilities_errors(tiny_model):
 
 
 def tiny_config():
-    config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(DATA_DIR)
-    config.ratios = (0.5,)
-    config.batch_size = 16
-    config.max_steps = 16  # enough for the instances' held-out errors to differ
-    config.log_every_steps = 1
-    config.eval_every_epochs = 1000.0  # no evaluation inside this short run
-    config.train_split = "train[:64]"
-    config.holdout_split = "train[64:112]"
-    config.eval_split = "test[:48]"
-    config.eval_batch_size = 16
-    config.budget_points = 4
-    return config
+    return tiny_cifar10_config(
+        ratios=(0.5,),
+        batch_size=16,
+        max_steps=16,  # enough for the instances' held-out errors to differ
+        log_every_steps=1,
+        eval_every_epochs=1000.0,  # no evaluation inside this short run
+        train_split="train[:64]",
+        holdout_split="train[64:112]",
+        eval_split="test[:48]",
+        eval_batch_size=16,
+        budget_points=4,
+    )
 
 
 def test_cascade_needs_a_holdout_split(capsys):
@@ -295,9 +290,7 @@ def test_cascade_needs_a_holdout_split(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 not prepared in {DATA_DIR}"
-)
+@needs_cifar10
 def test_evaluate_cascade_on_a_tiny_run(tmp_path):
     config = tiny_config()
     train(config, tmp_path, resume=False)

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import signal
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,31 +19,27 @@ from sdpoint_jax.compare.methods import BUILDERS, build_method
 from sdpoint_jax.compare.run import run_comparison
 from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.compare.trainer import Preempted, train_method
-from sdpoint_jax.config import cifar_config
 from sdpoint_jax.instance import Instance
+from tests.conftest import needs_cifar10, tiny_cifar10_config
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
 EVAL_EXAMPLES = 64
-pytestmark = pytest.mark.skipif(
-    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 not prepared in {DATA_DIR}"
-)
+pytestmark = needs_cifar10
 
 
 def tiny_config(methods: tuple[str, ...]):
-    config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(DATA_DIR)
-    config.batch_size = 16
-    config.max_steps = 4
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.eval_batch_size = 32
-    config.eval_split = f"test[:{EVAL_EXAMPLES}]"
-    config.train_split = "train[64:]"
-    config.holdout_split = "train[:64]"
-    config.budget_points = 3
-    config.stochastic_passes = 3
-    config.methods = methods
-    return config
+    return tiny_cifar10_config(
+        batch_size=16,
+        max_steps=4,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        eval_batch_size=32,
+        eval_split=f"test[:{EVAL_EXAMPLES}]",
+        train_split="train[64:]",
+        holdout_split="train[:64]",
+        budget_points=3,
+        stochastic_passes=3,
+        methods=methods,
+    )
 
 
 def test_compare_trains_evaluates_and_reports_every_method(tmp_path):

@@ -14,10 +14,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sdpoint_jax import data, datasets
+from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 NUM_MOCK_EXAMPLES = 20
 BATCH = 4  # -> 5 steps per epoch on the mocked splits
-REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/tfds"
 
 
 @pytest.fixture
@@ -298,14 +298,14 @@ def test_calibration_batches_are_fixed_distinct_training_examples(
 # Real CIFAR-10.
 
 
-@pytest.mark.skipif(not REAL_DATA_DIR.is_dir(), reason=f"{REAL_DATA_DIR} is absent")
+@needs_cifar10
 def test_real_cifar10_batches_are_normalised() -> None:
     train = next(
-        data.train_batches("cifar10", global_batch_size=256, seed=0, data_dir=REAL_DATA_DIR)
+        data.train_batches("cifar10", global_batch_size=256, seed=0, data_dir=SHARED_DATA_DIR)
     )
-    evaluation = next(data.eval_batches("cifar10", global_batch_size=256, data_dir=REAL_DATA_DIR))
-    assert data.steps_per_epoch("cifar10", 256, data_dir=REAL_DATA_DIR) == 50_000 // 256
-    assert data.num_examples("cifar10", "test", data_dir=REAL_DATA_DIR) == 10_000
+    evaluation = next(data.eval_batches("cifar10", global_batch_size=256, data_dir=SHARED_DATA_DIR))
+    assert data.steps_per_epoch("cifar10", 256, data_dir=SHARED_DATA_DIR) == 50_000 // 256
+    assert data.num_examples("cifar10", "test", data_dir=SHARED_DATA_DIR) == 10_000
     assert train["image"].shape == evaluation["image"].shape == (256, 32, 32, 3)
     assert evaluation["mask"].sum() == 256
     # The zero padding of the random crop (about 13 % of the pixels) is not data: leave it out.

@@ -5,7 +5,6 @@ trained run from its saved config."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,8 @@ from sdpoint_jax.export import (
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.serving import load_exported
+from tests.conftest import needs_cifar10, tiny_cifar10_config
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
 SPEC = SPECS["cifar10"]
 INSTANCES = [Instance.full(), Instance(1, 0.5), Instance(2, 0.75)]
 
@@ -143,20 +141,19 @@ def test_platforms_are_checked():
         check_platforms("gpu")
 
 
-@pytest.mark.skipif(not (DATA_DIR / "cifar10").is_dir(), reason=f"no CIFAR-10 in {DATA_DIR}")
+@needs_cifar10
 def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
-    from sdpoint_jax.config import cifar_config
     from sdpoint_jax.programs import enable_compilation_cache
     from sdpoint_jax.train import Run, train
 
     enable_compilation_cache(tmp_path / "cache")
-    config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(DATA_DIR)
-    config.train_split = "train[:32]"
-    config.batch_size = 16
-    config.num_epochs = 1
-    config.eval_split = "test[:16]"
-    config.eval_batch_size = 16
+    config = tiny_cifar10_config(
+        train_split="train[:32]",
+        batch_size=16,
+        num_epochs=1,
+        eval_split="test[:16]",
+        eval_batch_size=16,
+    )
     workdir = tmp_path / "run"
     state = train(config, workdir, resume=False)
 

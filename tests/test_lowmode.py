@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from test_train import DATA_DIR, losses, tiny_config
+from test_train import losses, tiny_config
 
 from sdpoint_jax import parallel
 from sdpoint_jax.checkpoint import CheckpointError
@@ -40,6 +40,7 @@ from sdpoint_jax.train import (
     train,
     train_programs,
 )
+from tests.conftest import needs_cifar10
 
 LOW = LowMode(2)
 
@@ -474,7 +475,7 @@ def low_mode_config(max_steps: int):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA_DIR / "cifar10").is_dir(), reason="CIFAR-10 not prepared")
+@needs_cifar10
 def test_resume_with_low_mode_repeats_the_uninterrupted_run_exactly(tmp_path_factory):
     enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
     reference_dir, resumed_dir = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("res")
@@ -490,7 +491,7 @@ def test_resume_with_low_mode_repeats_the_uninterrupted_run_exactly(tmp_path_fac
     assert {k: int(v) for k, v in draws.items() if v} == {"low:2": 3, "2:0.75": 2, "2:0.5": 1}
 
 
-@pytest.mark.skipif(not (DATA_DIR / "cifar10").is_dir(), reason="CIFAR-10 not prepared")
+@needs_cifar10
 def test_checkpoints_from_before_low_mode_resume_and_low_mode_settings_are_invariant(tmp_path):
     run = Run.create(tiny_config(3), tmp_path)
     old_config = {k: v for k, v in tiny_config(3).to_dict().items() if "_mode_" not in k}

@@ -16,17 +16,12 @@ import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 
 from sdpoint_jax.models import create
+from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "experiments" / "colab.ipynb"
-DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
-
-needs_data = pytest.mark.skipif(
-    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 is not prepared in {DATA_DIR}"
-)
 
 
 def _output_text(cell) -> str:
@@ -43,14 +38,14 @@ def _images(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
 
 
-@needs_data
+@needs_cifar10
 def test_notebook_runs_top_to_bottom_in_the_tiny_setting(tmp_path):
     workdir = tmp_path / "run"
     executed = tmp_path / "colab.ipynb"
     env = {
         **os.environ,
         "SDPOINT_NOTEBOOK_SETTING": "tiny",
-        "SDPOINT_DATA_DIR": str(DATA_DIR),
+        "SDPOINT_DATA_DIR": str(SHARED_DATA_DIR),
         "SDPOINT_NOTEBOOK_WORKDIR": str(workdir),
         "JUPYTER_PLATFORM_DIRS": "1",
     }

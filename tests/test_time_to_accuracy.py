@@ -4,16 +4,13 @@ switches, and a tiny end-to-end run on real CIFAR-10."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.programs import enable_compilation_cache
 from sdpoint_jax.time_to_accuracy import setting_config, summarize, time_to_accuracy
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
+from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 
 def test_summary_takes_the_first_evaluation_at_or_above_each_target():
@@ -84,21 +81,21 @@ def test_settings_switch_sdpoint_and_low_mode():
         setting_config(config, "low")
 
 
-@pytest.mark.skipif(not (DATA_DIR / "cifar10").is_dir(), reason=f"no CIFAR-10 in {DATA_DIR}")
+@needs_cifar10
 def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
     enable_compilation_cache(tmp_path / "cache")
-    config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(DATA_DIR)
-    config.train_split = "train[:64]"
-    config.batch_size = 16
-    config.num_epochs = 2
-    config.lr_drop_epochs = (1.5,)
-    config.full_mode_epochs_after_drop = 0.0
-    config.low_mode_prob = 0.5
-    config.eval_every_epochs = 1.0
-    config.eval_split = "test[:32]"
-    config.eval_batch_size = 16
-    config.log_every_steps = 1
+    config = tiny_cifar10_config(
+        train_split="train[:64]",
+        batch_size=16,
+        num_epochs=2,
+        lr_drop_epochs=(1.5,),
+        full_mode_epochs_after_drop=0.0,
+        low_mode_prob=0.5,
+        eval_every_epochs=1.0,
+        eval_split="test[:32]",
+        eval_batch_size=16,
+        log_every_steps=1,
+    )
     config.training_settings = ("baseline", "sdpoint+low")
     config.accuracy_targets = (0.0, 101.0)
 

@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 
 from sdpoint_jax.checkpoint import CheckpointError
-from sdpoint_jax.config import cifar_config
 from sdpoint_jax.programs import enable_compilation_cache
 from sdpoint_jax.train import train
 from sdpoint_jax.workflow import calibrate_run, evaluate_run, select_run
+from tests.conftest import SHARED_DATA_DIR, needs_cifar10, tiny_cifar10_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data" / "tfds"
-pytestmark = pytest.mark.skipif(
-    not (DATA_DIR / "cifar10").is_dir(), reason=f"CIFAR-10 not prepared in {DATA_DIR}"
-)
+pytestmark = needs_cifar10
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,16 +33,15 @@ def compilation_cache(tmp_path_factory):
 
 
 def tiny_config(max_steps: int):
-    config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(DATA_DIR)
-    config.batch_size = 16
-    config.max_steps = max_steps
-    config.log_every_steps = 1
-    config.eval_every_epochs = 1000.0  # no evaluation inside these short runs
-    config.eval_split = "test[:48]"
-    config.eval_batch_size = 16
-    config.calibration_batches = 2
-    return config
+    return tiny_cifar10_config(
+        batch_size=16,
+        max_steps=max_steps,
+        log_every_steps=1,
+        eval_every_epochs=1000.0,  # no evaluation inside these short runs
+        eval_split="test[:48]",
+        eval_batch_size=16,
+        calibration_batches=2,
+    )
 
 
 def losses(workdir: Path) -> list[tuple[int, float, str]]:
@@ -184,7 +180,7 @@ def run_cli(*args: str) -> subprocess.Popen:
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     overrides = [
-        f"--config.data_dir={DATA_DIR}",
+        f"--config.data_dir={SHARED_DATA_DIR}",
         "--config.model=wrn-10-1",
         "--config.batch_size=16",
         "--config.log_every_steps=1",
