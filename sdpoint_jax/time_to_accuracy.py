@@ -35,6 +35,11 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
+if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages(__file__)
+
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags

@@ -7,6 +7,11 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages(__file__)
+
 from sdpoint_jax.bench import compile as compile_bench
 from sdpoint_jax.bench import latency, train
 
