@@ -5,14 +5,23 @@
 Alternates rounds (ours, PyTorch NCHW, PyTorch channels-last) so that the ratios share
 the machine's state, and prints per-round figures, medians and the ratios
 ours / PyTorch for the train step (images/s, higher is better) and batch-1 inference
-(ms, lower is better). Default model: WRN-16-4 full instance, batch 128, random data.
+(speed, higher is better). Default model: WRN-16-4 full instance, batch 128, random
+data. Like the command-line tools, this script restarts itself with huge pages for
+malloc (:mod:`sdpoint_jax.host_memory`) where that is wanted; PyTorch is then measured
+twice, with glibc's default pages and with huge pages as ours (``*_huge_pages``).
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages(__file__)
+
 import argparse
 import functools
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -24,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdpoint_jax import parallel
+from sdpoint_jax import host_memory, parallel
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.conv_lowering import (
     CONV_LOWERINGS,
@@ -81,8 +90,15 @@ def jax_figures(
 
 
 def torch_figures(
-    python: str, model: list[str], layout: str, batch: int, steps: int, infer_repeats: int
+    python: str,
+    model: list[str],
+    layout: str,
+    huge_pages: bool,
+    batch: int,
+    steps: int,
+    infer_repeats: int,
 ) -> dict:
+    """PyTorch's figures from a child process, with or without huge pages for malloc."""
     command = [
         python,
         str(HERE / "pytorch_wrn.py"),
@@ -96,7 +112,9 @@ def torch_figures(
         "--infer-repeats",
         str(infer_repeats),
     ]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    pages = host_memory.with_huge_pages if huge_pages else host_memory.without_huge_pages
+    env = pages(os.environ)
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -113,18 +131,25 @@ def main() -> None:
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", args.model)
     if not match:
         parser.error(f"--model must be a WRN such as wrn-16-4 (the reference), got {args.model}")
+    huge_pages = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
     depth_width = ["--depth", match[1], "--width", match[2]]
-    rounds: dict[str, list[dict]] = {"jax": [], "nchw": [], "channels_last": []}
+    torch_runs = {
+        f"{layout}{'_huge_pages' if huge else ''}": (layout, huge)
+        for huge in ((False, True) if huge_pages else (False,))
+        for layout in ("nchw", "channels_last")
+    }
+    rounds: dict[str, list[dict]] = {"jax": [], **{name: [] for name in torch_runs}}
     for round_index in range(args.rounds):
         rounds["jax"].append(
             jax_figures(args.model, args.conv_lowering, args.batch, args.steps, args.infer_repeats)
         )
-        for layout in ("nchw", "channels_last"):
-            rounds[layout].append(
+        for name, (layout, huge) in torch_runs.items():
+            rounds[name].append(
                 torch_figures(
                     args.torch_python,
                     depth_width,
                     layout,
+                    huge,
                     args.batch,
                     args.steps,
                     args.infer_repeats,
@@ -142,14 +167,16 @@ def main() -> None:
     summary = {
         "model": args.model,
         "batch": args.batch,
+        "huge_pages": huge_pages,
         "medians": medians,
-        "train_ratio_vs_nchw": ours["train_images_per_sec"]
-        / medians["nchw"]["train_images_per_sec"],
-        "train_ratio_vs_channels_last": ours["train_images_per_sec"]
-        / medians["channels_last"]["train_images_per_sec"],
-        "infer_speed_ratio_vs_nchw": medians["nchw"]["infer_batch1_ms"] / ours["infer_batch1_ms"],
-        "infer_speed_ratio_vs_channels_last": medians["channels_last"]["infer_batch1_ms"]
-        / ours["infer_batch1_ms"],
+        "ours_over_pytorch": {
+            name: {
+                "train_images_per_sec": ours["train_images_per_sec"]
+                / medians[name]["train_images_per_sec"],
+                "infer_batch1_speed": medians[name]["infer_batch1_ms"] / ours["infer_batch1_ms"],
+            }
+            for name in torch_runs
+        },
     }
     print(json.dumps(summary, indent=1))
 
