@@ -131,7 +131,7 @@ def main() -> None:
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", args.model)
     if not match:
         parser.error(f"--model must be a WRN such as wrn-16-4 (the reference), got {args.model}")
-    huge_pages = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    huge_pages = host_memory.huge_pages_set(os.environ)
     depth_width = ["--depth", match[1], "--width", match[2]]
     torch_runs = {
         f"{layout}{'_huge_pages' if huge else ''}": (layout, huge)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VARIABLE = "SDPOINT_JAX_HUGE_PAGES"
-"""``0`` keeps glibc's default ``malloc`` pages."""
+"""``0`` keeps glibc's default ``malloc`` pages; ``1`` (the default) asks for huge ones."""
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -79,14 +79,22 @@ def transparent_huge_page_mode() -> str | None:
 
 def huge_pages_wanted(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a process with ``environ`` should run with :data:`TUNABLE` (see the
-    module docstring)."""
+    module docstring); ``ValueError`` unless :data:`OPT_OUT_VARIABLE` is unset, 0 or 1."""
+    switch = environ.get(OPT_OUT_VARIABLE, "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{OPT_OUT_VARIABLE} must be 0 or 1, got {switch!r}")
     return (
-        environ.get(OPT_OUT_VARIABLE, "1") != "0"
+        switch == "1"
         and platform.system() == "Linux"
         and platform.libc_ver()[0] == "glibc"
         and transparent_huge_page_mode() == "madvise"
         and cpu_backend_expected(environ)
     )
+
+
+def huge_pages_set(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ``'s ``GLIBC_TUNABLES`` holds :data:`TUNABLE`."""
+    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
@@ -113,10 +121,13 @@ def restart_with_huge_pages(program_file: str) -> None:
     program (``sys.argv[0]``), so running its module inside another program (``runpy``
     in a notebook) never replaces that process."""
     started_as_program = os.path.realpath(sys.argv[0]) == os.path.realpath(program_file)
-    if not started_as_program or not huge_pages_wanted():
-        return
-    if with_huge_pages(os.environ) == dict(os.environ):
+    try:
+        wanted = started_as_program and huge_pages_wanted()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    environ = with_huge_pages(os.environ)
+    if not wanted or environ == dict(os.environ):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, with_huge_pages(os.environ))
+    os.execve(sys.executable, sys.orig_argv, environ)

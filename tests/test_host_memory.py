@@ -101,10 +101,20 @@ def test_no_restart_when_opted_out_already_set_not_on_cpu_or_not_the_program(tmp
     assert output == "arguments ['train', '--config.x=1']"
 
 
+@needs_huge_pages
+def test_a_bad_switch_value_stops_the_program_with_the_allowed_values(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_restarting_program(tmp_path, SDPOINT_JAX_HUGE_PAGES="off")
+    assert failure.value.returncode == 1
+    assert "error: SDPOINT_JAX_HUGE_PAGES must be 0 or 1, got 'off'" in failure.value.stderr
+
+
 def test_tunables_are_added_once_and_removed_alone():
     added = host_memory.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"})
     assert added == {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=1", "A": "1"}
     assert host_memory.with_huge_pages(added) == added
+    assert host_memory.huge_pages_set(added)
+    assert not host_memory.huge_pages_set({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert host_memory.with_huge_pages({}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     assert host_memory.without_huge_pages(added) == {
         "GLIBC_TUNABLES": "glibc.malloc.check=0",
