@@ -6,17 +6,18 @@ Alternates rounds (ours, PyTorch NCHW, PyTorch channels-last) so that the ratios
 the machine's state, and prints per-round figures, medians and the ratios
 ours / PyTorch for the train step (images/s, higher is better) and batch-1 inference
 (speed, higher is better). Default model: WRN-16-4 full instance, batch 128, random
-data. Like the command-line tools, this script restarts itself with huge pages for
-malloc (:mod:`sdpoint_jax.host_memory`) where that is wanted; PyTorch is then measured
-twice, with glibc's default pages and with huge pages as ours (``*_huge_pages``).
+data. Like the command-line tools, this script restarts itself in its host memory mode
+(tcmalloc or huge pages for malloc, :mod:`sdpoint_jax.host_memory`); PyTorch is then
+measured twice, as it runs out of the box and in the same mode as ours
+(``*_tcmalloc``, ``*_huge-pages``).
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_huge_pages
+if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_host_memory
 
-    restart_with_huge_pages(__file__)
+    restart_with_host_memory(__file__)
 
 import argparse
 import functools
@@ -93,12 +94,12 @@ def torch_figures(
     python: str,
     model: list[str],
     layout: str,
-    huge_pages: bool,
+    mode: str,
     batch: int,
     steps: int,
     infer_repeats: int,
 ) -> dict:
-    """PyTorch's figures from a child process, with or without huge pages for malloc."""
+    """PyTorch's figures from a child process in host memory ``mode``."""
     command = [
         python,
         str(HERE / "pytorch_wrn.py"),
@@ -112,8 +113,7 @@ def torch_figures(
         "--infer-repeats",
         str(infer_repeats),
     ]
-    pages = host_memory.with_huge_pages if huge_pages else host_memory.without_huge_pages
-    env = pages(os.environ)
+    env = host_memory.environment_for(mode, host_memory.default_environment(os.environ))
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -131,11 +131,11 @@ def main() -> None:
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", args.model)
     if not match:
         parser.error(f"--model must be a WRN such as wrn-16-4 (the reference), got {args.model}")
-    huge_pages = host_memory.huge_pages_set(os.environ)
+    mode = host_memory.active_mode()
     depth_width = ["--depth", match[1], "--width", match[2]]
     torch_runs = {
-        f"{layout}{'_huge_pages' if huge else ''}": (layout, huge)
-        for huge in ((False, True) if huge_pages else (False,))
+        layout + ("" if torch_mode == "default" else f"_{torch_mode}"): (layout, torch_mode)
+        for torch_mode in dict.fromkeys(("default", mode))
         for layout in ("nchw", "channels_last")
     }
     rounds: dict[str, list[dict]] = {"jax": [], **{name: [] for name in torch_runs}}
@@ -143,13 +143,13 @@ def main() -> None:
         rounds["jax"].append(
             jax_figures(args.model, args.conv_lowering, args.batch, args.steps, args.infer_repeats)
         )
-        for name, (layout, huge) in torch_runs.items():
+        for name, (layout, torch_mode) in torch_runs.items():
             rounds[name].append(
                 torch_figures(
                     args.torch_python,
                     depth_width,
                     layout,
-                    huge,
+                    torch_mode,
                     args.batch,
                     args.steps,
                     args.infer_repeats,
@@ -167,7 +167,7 @@ def main() -> None:
     summary = {
         "model": args.model,
         "batch": args.batch,
-        "huge_pages": huge_pages,
+        "host_memory": mode,
         "medians": medians,
         "ours_over_pytorch": {
             name: {

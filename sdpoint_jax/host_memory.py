@@ -1,36 +1,56 @@
-"""Huge pages for the host memory that XLA:CPU programs allocate on every run.
+"""Host memory for XLA:CPU programs: a ``malloc`` that keeps what a step frees.
 
 An XLA:CPU execution allocates its temporaries (about 2 GiB for a WRN-16-4 train step
-at batch 128) with ``malloc`` and frees them when it ends. glibc serves blocks that
-large with fresh ``mmap`` pages and unmaps them on ``free``, so every step faults its
-temporaries in again, 4 KiB at a time: building one 302 MB patch matrix
-(:mod:`sdpoint_jax.conv_lowering`) took 299 ms inside a program, 92 ms without the
-faults. glibc's tunable ``glibc.malloc.hugetlb=1`` makes ``malloc`` ask for transparent
-huge pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
-time. Memory is still returned to the system as before. Measured on a 2-core x86 CPU
-(WRN-16-4, batch 128, ``python -m sdpoint_jax.bench train``): full-network step
-2.70 s instead of 3.28 s, SDPoint mix 2.58 s instead of 2.80 s, cheapest instance
-1.07 s instead of 1.27 s; batch-1 inference unchanged (7.58 vs 7.59 ms).
+at batch 128) with ``malloc`` when it starts and frees them when it ends. glibc serves
+blocks that large with fresh ``mmap`` pages and unmaps them on ``free``, so every step
+faults its temporaries in again, 4 KiB at a time, and the kernel zeroes each page:
+building one 302 MB patch matrix (:mod:`sdpoint_jax.conv_lowering`) took 299 ms inside
+a program, 92 ms without the faults. Under a hypervisor that takes back a guest's free
+memory (free page reporting, as in many cloud VMs) it is worse: memory left free for a
+second or two costs host faults when touched again, so a step's cost depended on what
+ran before it (measured: a full WRN-16-4 step took 2.82 s back to back, 3.04 s after a
+1.5 s pause and 3.67 s after a 4 s pause, the difference all system time). SDPoint
+training switches programs every step, so the full network's larger temporaries were
+always "cold".
 
-Each step still zeroes its fresh pages (about 3 GB for that full step), and the full
-network gains most. Keeping freed memory in the process instead (``mallopt``: one
-arena, no ``mmap``, no trimming) removed the zeroing too and made the mix track its
-FLOPs (81.5% of the full step for 80.3% of its FLOPs), but the heap fragmented and
-kept growing (WRN-16-2, 60 mixed steps: 2.9 to 5.1 GiB resident) and one shared arena
-made batch-1 inference 5-10% slower, so it is not done.
+Where it can, a command-line program therefore restarts itself once with a different
+host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
 
-glibc reads tunables only when a process starts. So the command-line programs call
-:func:`restart_with_huge_pages` first thing: where it is wanted and not yet set, the
-program starts itself again (``exec``, same interpreter, arguments and environment)
-with the tunable added to ``GLIBC_TUNABLES``. It is wanted on Linux with glibc, where
-the kernel's transparent huge pages are in ``madvise`` mode (in ``always`` mode every
-large block gets them anyway; in ``never`` mode nothing can), and where JAX will run on
-the CPU: ``JAX_PLATFORMS`` starts with ``cpu``, or no accelerator plugin is installed.
-``SDPOINT_JAX_HUGE_PAGES=0`` turns it off.
+``tcmalloc``
+    ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
+    package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
+    it, so after the first steps no step faults or zeroes pages. Measured (2-core x86
+    VM, WRN-16-4, batch 128): full step 2.63 s, with no system time, back to back,
+    after another program or after a pause alike; resident memory flat at the peak of
+    the largest program (3.1 GiB).
+``huge-pages``
+    glibc's tunable ``glibc.malloc.hugetlb=1``: ``malloc`` asks for transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
+    time (139,337 page faults per run of the program above became 354) but still
+    returned after every step. Full step 2.70 s instead of 3.28 s.
+``default``
+    The process as started.
+``auto`` (the default)
+    On a CPU backend (``JAX_PLATFORMS`` starts with ``cpu``, or no accelerator plugin
+    is installed) on Linux with glibc: ``tcmalloc`` where the library is installed,
+    else ``huge-pages`` where the kernel's transparent huge pages are in ``madvise``
+    mode (in ``always`` mode large blocks get them anyway), else ``default``. A process
+    whose ``LD_PRELOAD`` already names an allocator (``*malloc*``) is left as it is,
+    and a user's own ``glibc.malloc.hugetlb`` setting is kept.
+
+Keeping freed memory with glibc itself (``mallopt``: one arena, no ``mmap``, no
+trimming) was tried and is not used: its heap fragmented and kept growing (WRN-16-2,
+60 mixed steps: 2.9 to 5.1 GiB resident), and one shared arena made batch-1 inference
+5-10% slower.
+
+``malloc`` is chosen when a process starts (``LD_PRELOAD``, ``GLIBC_TUNABLES``), hence
+the restart: programs call :func:`restart_with_host_memory` first thing. In your own
+programs, set the variables before Python starts.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
@@ -40,9 +60,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT_VARIABLE = "SDPOINT_JAX_HUGE_PAGES"
-"""``0`` keeps glibc's default ``malloc`` pages; ``1`` (the default) asks for huge ones."""
+MODE_VARIABLE = "SDPOINT_JAX_HOST_MEMORY"
+MODES = ("auto", "tcmalloc", "huge-pages", "default")
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+"""Library names searched for tcmalloc, in order (``ctypes.util.find_library``)."""
+TCMALLOC_SETTINGS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**50)}
+"""Set unless the user set them: without this, tcmalloc prints a stack line to stderr
+for each allocation over 1 GiB (a WRN-28-10 step makes several)."""
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -77,56 +102,128 @@ def transparent_huge_page_mode() -> str | None:
     return selected[0] if selected else None
 
 
-def huge_pages_wanted(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether a process with ``environ`` should run with :data:`TUNABLE` (see the
-    module docstring); ``ValueError`` unless :data:`OPT_OUT_VARIABLE` is unset, 0 or 1."""
-    switch = environ.get(OPT_OUT_VARIABLE, "1")
-    if switch not in ("0", "1"):
-        raise ValueError(f"{OPT_OUT_VARIABLE} must be 0 or 1, got {switch!r}")
-    return (
-        switch == "1"
-        and platform.system() == "Linux"
+def tcmalloc_library() -> str | None:
+    """The installed tcmalloc library's name (for ``LD_PRELOAD``), or None."""
+    for name in TCMALLOC_LIBRARIES:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def _preloads(environ: Mapping[str, str]) -> list[str]:
+    return [entry for entry in environ.get("LD_PRELOAD", "").replace(":", " ").split() if entry]
+
+
+def allocator_preloaded(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ``'s ``LD_PRELOAD`` names an allocator (jemalloc, tcmalloc, ...)."""
+    return any("malloc" in os.path.basename(entry) for entry in _preloads(environ))
+
+
+def requested_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """:data:`MODE_VARIABLE`'s value (``auto`` where unset); ``ValueError`` naming
+    :data:`MODES` for any other value."""
+    mode = environ.get(MODE_VARIABLE, "auto")
+    if mode not in MODES:
+        raise ValueError(f"{MODE_VARIABLE} must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def resolved_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """The mode a program started with ``environ`` runs in (``auto`` resolved as in the
+    module docstring); ``ValueError`` for a bad :data:`MODE_VARIABLE`, or for
+    ``tcmalloc`` where it is not installed."""
+    mode = requested_mode(environ)
+    if mode == "tcmalloc" and tcmalloc_library() is None:
+        raise ValueError(
+            f"{MODE_VARIABLE}=tcmalloc, but no tcmalloc library was found (searched "
+            f"{', '.join('lib' + name for name in TCMALLOC_LIBRARIES)}); install it "
+            "(Debian/Ubuntu: apt install libtcmalloc-minimal4) or choose another of "
+            f"{', '.join(MODES)}"
+        )
+    if mode != "auto":
+        return mode
+    if not (
+        platform.system() == "Linux"
         and platform.libc_ver()[0] == "glibc"
-        and transparent_huge_page_mode() == "madvise"
         and cpu_backend_expected(environ)
-    )
+        and not allocator_preloaded(environ)
+    ):
+        return "default"
+    if tcmalloc_library() is not None:
+        return "tcmalloc"
+    return "huge-pages" if transparent_huge_page_mode() == "madvise" else "default"
 
 
-def huge_pages_set(environ: Mapping[str, str]) -> bool:
-    """Whether ``environ``'s ``GLIBC_TUNABLES`` holds :data:`TUNABLE`."""
-    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+def with_tcmalloc(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with tcmalloc first in ``LD_PRELOAD`` (once) and
+    :data:`TCMALLOC_SETTINGS` where unset; ``ValueError`` where it is not installed."""
+    library = tcmalloc_library()
+    if library is None:
+        raise ValueError("no tcmalloc library was found")
+    preloads = _preloads(environ)
+    if library not in preloads:
+        preloads.insert(0, library)
+    return {**TCMALLOC_SETTINGS, **environ, "LD_PRELOAD": " ".join(preloads)}
 
 
 def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with :data:`TUNABLE` added to ``GLIBC_TUNABLES`` (kept if present)."""
+    """``environ`` with :data:`HUGE_PAGES_TUNABLE` added to ``GLIBC_TUNABLES`` (a user's
+    own ``glibc.malloc.hugetlb`` setting is kept)."""
     tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-        tunables.append(TUNABLE)
+        tunables.append(HUGE_PAGES_TUNABLE)
     return {**environ, "GLIBC_TUNABLES": ":".join(tunables)}
 
 
-def without_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with glibc's default pages (for a child process measured as it would
-    run by default)."""
-    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
-    environ = {key: value for key, value in environ.items() if key != "GLIBC_TUNABLES"}
-    return {**environ, "GLIBC_TUNABLES": ":".join(tunables)} if tunables else environ
+def environment_for(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` set up for ``mode`` (one of :data:`MODES` but ``auto``)."""
+    setups = {"tcmalloc": with_tcmalloc, "huge-pages": with_huge_pages, "default": dict}
+    return setups[mode](environ)
 
 
-def restart_with_huge_pages(program_file: str) -> None:
-    """Starts this program again with :data:`TUNABLE` set, where it is wanted and not
-    set yet; otherwise returns. Call it first in a program's ``__main__`` block, before
-    any work, with the program's ``__file__`` (the process is replaced; nothing after
-    the call runs in it). Nothing happens unless the process was started as that
-    program (``sys.argv[0]``), so running its module inside another program (``runpy``
-    in a notebook) never replaces that process."""
-    started_as_program = os.path.realpath(sys.argv[0]) == os.path.realpath(program_file)
+def active_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """The mode ``environ`` already carries: ``tcmalloc``, ``huge-pages`` or ``default``."""
+    if any("tcmalloc" in os.path.basename(entry) for entry in _preloads(environ)):
+        return "tcmalloc"
+    tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+    return "huge-pages" if HUGE_PAGES_TUNABLE in tunables else "default"
+
+
+def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without what :func:`environment_for` adds (tcmalloc's preload and
+    settings, the huge-pages tunable), for a child process measured as it runs out of
+    the box."""
+    environ = {key: value for key, value in environ.items() if key not in TCMALLOC_SETTINGS}
+    preloads = [entry for entry in _preloads(environ) if "tcmalloc" not in entry]
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    tunables = [t for t in tunables if t != HUGE_PAGES_TUNABLE]
+    for variable, entries, separator in (
+        ("LD_PRELOAD", preloads, " "),
+        ("GLIBC_TUNABLES", tunables, ":"),
+    ):
+        environ.pop(variable, None)
+        if entries:
+            environ[variable] = separator.join(entries)
+    return environ
+
+
+def restart_with_host_memory(program_file: str) -> None:
+    """Starts this program again in its host memory mode (:func:`resolved_mode`) where
+    its environment lacks it; otherwise returns. Call it first in a program's
+    ``__main__`` block, before any work, with the program's ``__file__`` (the process is
+    replaced: same interpreter, arguments and environment plus the mode's variables).
+    Nothing happens unless the process was started as that program (``sys.argv[0]``),
+    so running its module inside another program (``runpy`` in a notebook) never
+    replaces that process. A bad :data:`MODE_VARIABLE` stops the program with an
+    error naming the allowed values."""
+    if os.path.realpath(sys.argv[0]) != os.path.realpath(program_file):
+        return
     try:
-        wanted = started_as_program and huge_pages_wanted()
+        environ = environment_for(resolved_mode(), os.environ)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    environ = with_huge_pages(os.environ)
-    if not wanted or environ == dict(os.environ):
+    if environ == dict(os.environ):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -17,7 +17,14 @@ from sdpoint_jax.models import create
 from sdpoint_jax.select import select_instance
 
 TINY = ["--model", "wrn-10-1", "--dataset", "cifar10"]
-ENVIRONMENT = {"model": str, "dataset": str, "dtype": str, "device_kind": str, "platform": str}
+ENVIRONMENT = {
+    "model": str,
+    "dataset": str,
+    "dtype": str,
+    "device_kind": str,
+    "platform": str,
+    "host_memory": str,
+}
 
 
 @pytest.fixture(scope="module")

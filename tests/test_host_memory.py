@@ -1,5 +1,6 @@
-"""Huge pages for malloc: fewer page faults per run, a restart that keeps the program's
-arguments and happens once, and the environment and kernel checks behind it."""
+"""Host memory modes: tcmalloc keeps freed memory (no page faults after the first run),
+huge pages cut the page faults of every run, a program restarts at most once and keeps
+its arguments, and the environment and kernel checks behind it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ import pytest
 
 from sdpoint_jax import host_memory
 
+TCMALLOC = "libtcmalloc_minimal.so.4"
+on_linux_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+needs_linux_glibc = pytest.mark.skipif(not on_linux_glibc, reason="needs Linux and glibc")
 needs_huge_pages = pytest.mark.skipif(
-    not host_memory.huge_pages_wanted({**os.environ, "JAX_PLATFORMS": "cpu"}),
+    not (on_linux_glibc and host_memory.transparent_huge_page_mode() == "madvise"),
     reason="needs Linux, glibc and transparent huge pages in madvise mode",
+)
+needs_tcmalloc = pytest.mark.skipif(
+    not (on_linux_glibc and host_memory.tcmalloc_library()),
+    reason="needs tcmalloc (Debian/Ubuntu: libtcmalloc-minimal4)",
 )
 
 # Runs a program whose 9 * 32 MiB temporary (a patch matrix) is written and reduced,
@@ -38,7 +46,8 @@ print(json.dumps(faults))
 TEMPORARY_SMALL_PAGES = 9 * 32 * 32 * 32 * 256 * 4 // 4096
 
 
-def median_faults(environ: dict[str, str]) -> float:
+def median_faults(mode: str) -> float:
+    environ = host_memory.environment_for(mode, host_memory.default_environment(os.environ))
     result = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_RUN],
         env={**environ, "JAX_PLATFORMS": "cpu"},
@@ -51,19 +60,23 @@ def median_faults(environ: dict[str, str]) -> float:
 
 @needs_huge_pages
 def test_huge_pages_cut_the_page_faults_of_every_run():
-    default = median_faults(host_memory.without_huge_pages(os.environ))
-    huge = median_faults(host_memory.with_huge_pages(os.environ))
-    assert default > TEMPORARY_SMALL_PAGES / 2, default
-    assert huge < TEMPORARY_SMALL_PAGES / 10, huge
+    assert median_faults("default") > TEMPORARY_SMALL_PAGES / 2
+    assert median_faults("huge-pages") < TEMPORARY_SMALL_PAGES / 10
 
 
-# Appends GLIBC_TUNABLES to a log each time it starts, then restarts where wanted.
+@needs_tcmalloc
+def test_tcmalloc_keeps_freed_memory_so_later_runs_fault_no_pages():
+    assert median_faults("tcmalloc") < TEMPORARY_SMALL_PAGES / 100
+
+
+# Logs its malloc set-up each time it starts, then restarts where wanted.
 RESTARTING_PROGRAM = """
 import os, sys
 with open(sys.argv[1], "a") as log:
-    log.write(os.environ.get("GLIBC_TUNABLES", "-") + "\\n")
-from sdpoint_jax.host_memory import restart_with_huge_pages
-restart_with_huge_pages(os.environ.get("PROGRAM_FILE", __file__))
+    setup = [os.environ.get(name, "-") for name in ("LD_PRELOAD", "GLIBC_TUNABLES")]
+    log.write("|".join(setup) + "\\n")
+from sdpoint_jax.host_memory import restart_with_host_memory
+restart_with_host_memory(os.environ.get("PROGRAM_FILE", __file__))
 print("arguments", sys.argv[2:])
 """
 
@@ -71,56 +84,137 @@ print("arguments", sys.argv[2:])
 def run_restarting_program(tmp_path, **environ: str) -> tuple[list[str], str]:
     script, log = tmp_path / "program.py", tmp_path / "starts.log"
     script.write_text(RESTARTING_PROGRAM)
-    env = {**host_memory.without_huge_pages(os.environ), "JAX_PLATFORMS": "cpu", **environ}
+    env = {**host_memory.default_environment(os.environ), "JAX_PLATFORMS": "cpu", **environ}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     command = [sys.executable, "-u", str(script), str(log), "train", "--config.x=1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return log.read_text().splitlines(), result.stdout.strip()
 
 
-@needs_huge_pages
-def test_a_program_restarts_once_with_huge_pages_and_its_arguments(tmp_path):
-    starts, output = run_restarting_program(tmp_path, GLIBC_TUNABLES="glibc.malloc.check=0")
-    assert starts == ["glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"]
+@needs_linux_glibc
+@pytest.mark.parametrize(
+    "mode, second_start",
+    [
+        ("huge-pages", "-|glibc.malloc.check=0:glibc.malloc.hugetlb=1"),
+        pytest.param("tcmalloc", "{tcmalloc}|glibc.malloc.check=0", marks=needs_tcmalloc),
+    ],
+)
+def test_a_program_restarts_once_in_its_mode_with_its_arguments(tmp_path, mode, second_start):
+    starts, output = run_restarting_program(
+        tmp_path, SDPOINT_JAX_HOST_MEMORY=mode, GLIBC_TUNABLES="glibc.malloc.check=0"
+    )
+    tcmalloc = host_memory.tcmalloc_library()
+    assert starts == ["-|glibc.malloc.check=0", second_start.format(tcmalloc=tcmalloc)]
     assert output == "arguments ['train', '--config.x=1']"
 
 
-@needs_huge_pages
+@needs_linux_glibc
+def test_auto_mode_restarts_into_the_resolved_mode_at_most_once(tmp_path):
+    expected = host_memory.resolved_mode({**os.environ, "JAX_PLATFORMS": "cpu"})
+    starts, output = run_restarting_program(tmp_path)
+    assert len(starts) == (1 if expected == "default" else 2)
+    last = dict(zip(("LD_PRELOAD", "GLIBC_TUNABLES"), starts[-1].split("|"), strict=True))
+    assert host_memory.active_mode({k: v for k, v in last.items() if v != "-"}) == expected
+    assert output == "arguments ['train', '--config.x=1']"
+
+
+@needs_linux_glibc
 @pytest.mark.parametrize(
     "environ",
     [
-        {"SDPOINT_JAX_HUGE_PAGES": "0"},
-        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's own choice is kept
+        {"SDPOINT_JAX_HOST_MEMORY": "default"},
+        # the user's own choices are kept
+        {"SDPOINT_JAX_HOST_MEMORY": "huge-pages", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+        {"LD_PRELOAD": "libjemalloc.so.2", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
         {"JAX_PLATFORMS": "tpu"},
-        {"PROGRAM_FILE": os.path.abspath(__file__)},  # its module run inside another program
+        # its module run inside another program
+        {"SDPOINT_JAX_HOST_MEMORY": "huge-pages", "PROGRAM_FILE": os.path.abspath(__file__)},
     ],
 )
-def test_no_restart_when_opted_out_already_set_not_on_cpu_or_not_the_program(tmp_path, environ):
+def test_no_restart_when_off_already_set_not_on_cpu_or_not_the_program(tmp_path, environ):
     starts, output = run_restarting_program(tmp_path, **environ)
-    assert starts == [environ.get("GLIBC_TUNABLES", "-")]
+    assert len(starts) == 1
     assert output == "arguments ['train', '--config.x=1']"
 
 
-@needs_huge_pages
-def test_a_bad_switch_value_stops_the_program_with_the_allowed_values(tmp_path):
+@needs_linux_glibc
+def test_a_bad_mode_stops_the_program_naming_the_allowed_values(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        run_restarting_program(tmp_path, SDPOINT_JAX_HUGE_PAGES="off")
+        run_restarting_program(tmp_path, SDPOINT_JAX_HOST_MEMORY="off")
     assert failure.value.returncode == 1
-    assert "error: SDPOINT_JAX_HUGE_PAGES must be 0 or 1, got 'off'" in failure.value.stderr
+    assert (
+        "error: SDPOINT_JAX_HOST_MEMORY must be one of auto, tcmalloc, huge-pages, default; "
+        "got 'off'" in failure.value.stderr
+    )
 
 
-def test_tunables_are_added_once_and_removed_alone():
-    added = host_memory.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"})
-    assert added == {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=1", "A": "1"}
-    assert host_memory.with_huge_pages(added) == added
-    assert host_memory.huge_pages_set(added)
-    assert not host_memory.huge_pages_set({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
-    assert host_memory.with_huge_pages({}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert host_memory.without_huge_pages(added) == {
-        "GLIBC_TUNABLES": "glibc.malloc.check=0",
-        "A": "1",
+@pytest.fixture
+def linux_with(monkeypatch, tmp_path):
+    """Pretends Linux with glibc, tcmalloc installed or not, and a THP mode."""
+
+    def pretend(tcmalloc: str | None, thp_mode: str) -> None:
+        monkeypatch.setattr(platform, "system", lambda: "Linux")
+        monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+        monkeypatch.setattr(host_memory, "tcmalloc_library", lambda: tcmalloc)
+        mode_file = tmp_path / "enabled"
+        mode_file.write_text(" ".join(f"[{m}]" if m == thp_mode else m for m in MODES_THP))
+        monkeypatch.setattr(host_memory, "THP_MODE_FILE", mode_file)
+
+    return pretend
+
+
+MODES_THP = ("always", "madvise", "never")
+CPU = {"JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.parametrize(
+    "tcmalloc, thp_mode, environ, expected",
+    [
+        (TCMALLOC, "madvise", CPU, "tcmalloc"),
+        (None, "madvise", CPU, "huge-pages"),
+        (None, "always", CPU, "default"),
+        (TCMALLOC, "madvise", {"JAX_PLATFORMS": "cuda"}, "default"),
+        (TCMALLOC, "madvise", {**CPU, "LD_PRELOAD": "/opt/libjemalloc.so.2"}, "default"),
+        (TCMALLOC, "madvise", {**CPU, "SDPOINT_JAX_HOST_MEMORY": "huge-pages"}, "huge-pages"),
+        (TCMALLOC, "never", {**CPU, "SDPOINT_JAX_HOST_MEMORY": "default"}, "default"),
+    ],
+)
+def test_auto_picks_tcmalloc_then_huge_pages_on_cpu(
+    linux_with, tcmalloc, thp_mode, environ, expected
+):
+    linux_with(tcmalloc, thp_mode)
+    assert host_memory.resolved_mode(environ) == expected
+
+
+def test_asking_for_tcmalloc_where_it_is_missing_says_how_to_install_it(linux_with):
+    linux_with(None, "madvise")
+    with pytest.raises(ValueError, match="apt install libtcmalloc-minimal4"):
+        host_memory.resolved_mode({**CPU, "SDPOINT_JAX_HOST_MEMORY": "tcmalloc"})
+
+
+def test_environments_are_set_up_once_and_undone_alone(linux_with):
+    linux_with(TCMALLOC, "madvise")
+    user = {"LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"}
+    tcmalloc = host_memory.environment_for("tcmalloc", user)
+    assert tcmalloc == {
+        **user,
+        "LD_PRELOAD": f"{TCMALLOC} libfoo.so",
+        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**50),
     }
-    assert host_memory.without_huge_pages({"GLIBC_TUNABLES": host_memory.TUNABLE}) == {}
+    huge = host_memory.environment_for("huge-pages", user)
+    assert huge == {**user, "GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=1"}
+    for mode, environ in (("tcmalloc", tcmalloc), ("huge-pages", huge)):
+        assert host_memory.environment_for(mode, environ) == environ
+        assert host_memory.active_mode(environ) == mode
+        assert host_memory.default_environment(environ) == user
+    assert host_memory.environment_for("default", user) == user
+    assert host_memory.active_mode(user) == "default"
+    assert host_memory.default_environment(host_memory.environment_for("huge-pages", {})) == {}
+    own_threshold = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1"}
+    assert host_memory.environment_for("tcmalloc", own_threshold) == {
+        **own_threshold,
+        "LD_PRELOAD": TCMALLOC,
+    }
 
 
 @pytest.mark.parametrize(
@@ -136,8 +230,3 @@ def test_transparent_huge_page_mode_is_read_from_the_kernel_file(tmp_path, monke
     assert host_memory.transparent_huge_page_mode() is None
     mode_file.write_text("always [madvise] never\n")
     assert host_memory.transparent_huge_page_mode() == "madvise"
-    assert host_memory.huge_pages_wanted({"JAX_PLATFORMS": "cpu"}) is (
-        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    )
-    mode_file.write_text("[always] madvise never\n")
-    assert not host_memory.huge_pages_wanted({"JAX_PLATFORMS": "cpu"})

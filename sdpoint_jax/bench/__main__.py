@@ -7,10 +7,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_huge_pages
+if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_host_memory
 
-    restart_with_huge_pages(__file__)
+    restart_with_host_memory(__file__)
 
 from sdpoint_jax.bench import compile as compile_bench
 from sdpoint_jax.bench import latency, train

@@ -20,7 +20,7 @@ compiling or loading), after the backend has started. The caches are in a tempor
 directory removed at the end.
 
 ``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
-``platform``, ``jax_version``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
+``platform``, ``jax_version``, ``host_memory``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
 ``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
 ``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (programs

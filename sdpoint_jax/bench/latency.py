@@ -10,7 +10,7 @@ latency is ordered like FLOPs (Spearman rank correlation, and the pairs of insta
 where the one with fewer FLOPs is more than 5% slower).
 
 Row fields: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
-``jax_version``, ``instance`` (e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
+``jax_version``, ``host_memory``, ``instance`` (e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
 ``gflops`` (analytic, per image), ``xla_gflops`` (XLA's cost analysis of the compiled
 program, per batch; ``null`` where the backend has none), ``compile_s`` (lower and
 compile, seconds), ``repeats``, ``warmup``, ``median_ms``, ``p10_ms``, ``p90_ms`` (per

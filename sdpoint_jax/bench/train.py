@@ -16,7 +16,7 @@ forward-pass FLOPs; a train step costs about three forward passes at every insta
 so the fractions carry over.
 
 ``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
-``jax_version``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``
+``jax_version``, ``host_memory``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``
 (``full``, ``cheapest``, ``mix``, and ``low`` where supported), ``draws`` (instance or
 low mode, e.g. ``"low:2"`` -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
 ``flops_fraction`` (mean FLOPs / full FLOPs over its steps; low mode counts its

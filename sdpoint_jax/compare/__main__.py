@@ -13,10 +13,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
-if __name__ == "__main__":  # glibc reads its tunables at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_huge_pages
+if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
+    from sdpoint_jax.host_memory import restart_with_host_memory
 
-    restart_with_huge_pages(__file__)
+    restart_with_host_memory(__file__)
 
 from absl import app, flags
 from ml_collections import config_flags
