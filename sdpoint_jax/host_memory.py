@@ -19,10 +19,15 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
 ``tcmalloc``
     ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
     package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
-    it, so after the first steps no step faults or zeroes pages. Measured (2-core x86
-    VM, WRN-16-4, batch 128): full step 2.63 s, with no system time, back to back,
-    after another program or after a pause alike; resident memory flat at the peak of
-    the largest program (3.1 GiB).
+    it, so most steps fault and zero no pages. Measured (2-core x86 VM, WRN-16-4,
+    batch 128): full step 2.63 s, with no system time, back to back, after another
+    program or after a pause alike. tcmalloc still hands free memory back to the
+    kernel now and then (gperftools' ``TCMALLOC_RELEASE_RATE``, default 1), so some
+    steps fault theirs in again: about 1 run in 3 of the program above, and 4.4
+    million page faults in ``bench train --model wrn-16-4 --batch 128 --steps 24``.
+    ``TCMALLOC_RELEASE_RATE=0`` (set it yourself; it is passed on) never hands memory
+    back: 1.9 million faults in that bench (10.1 s of system time instead of 14.8 s)
+    for a peak resident memory of 7.7 GiB instead of 5.9 GiB.
 ``huge-pages``
     glibc's tunable ``glibc.malloc.hugetlb=1``: ``malloc`` asks for transparent huge
     pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
