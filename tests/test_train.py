@@ -36,6 +36,7 @@ def tiny_config(max_steps: int):
     return tiny_cifar10_config(
         batch_size=16,
         max_steps=max_steps,
+        train_split="train[:1024]",  # read into memory at the start of every run
         log_every_steps=1,
         eval_every_epochs=1000.0,  # no evaluation inside these short runs
         eval_split="test[:48]",
@@ -185,6 +186,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "--config.batch_size=16",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=100000",
+        "--config.train_split=train[:1024]",
+        "--config.precompile=False",
         f"--config.compile_cache_dir={tmp_path / 'cache'}",
     ]
     process = run_cli(
