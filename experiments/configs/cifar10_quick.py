@@ -1,4 +1,4 @@
-"""A CPU-sized SDPoint run on CIFAR-10: WRN-16-1, 2 epochs (about 15 minutes on 2 cores).
+"""A CPU-sized SDPoint run on CIFAR-10: WRN-16-1, 2 epochs (12 to 16 minutes on 2 cores).
 
 `--config=THIS_FILE:baseline` trains the same network without SDPoint.
 """
