@@ -32,11 +32,15 @@ def compilation_cache(tmp_path_factory):
     enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
 
 
+# The training split is read into memory at the start of every run: keep it small.
+TRAIN_SPLIT = "train[:1024]"
+
+
 def tiny_config(max_steps: int):
     return tiny_cifar10_config(
         batch_size=16,
         max_steps=max_steps,
-        train_split="train[:1024]",  # read into memory at the start of every run
+        train_split=TRAIN_SPLIT,
         log_every_steps=1,
         eval_every_epochs=1000.0,  # no evaluation inside these short runs
         eval_split="test[:48]",
@@ -186,7 +190,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "--config.batch_size=16",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=100000",
-        "--config.train_split=train[:1024]",
+        f"--config.train_split={TRAIN_SPLIT}",
         "--config.precompile=False",
         f"--config.compile_cache_dir={tmp_path / 'cache'}",
     ]
