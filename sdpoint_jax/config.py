@@ -16,6 +16,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from sdpoint_jax.programs import default_compile_workers
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every run."""
@@ -53,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.precompile = False
-    c.compile_workers = 4
+    c.compile_workers = default_compile_workers()  # one per CPU core, at most 8
     c.compile_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/sdpoint_jax/xla
     # instance-specific BN calibration: K fixed training batches, augmented as in
     # training (False: evaluation preprocessing)

@@ -39,6 +39,14 @@ from tqdm.auto import tqdm
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdpoint_jax"
 
 
+def default_compile_workers(cap: int = 8) -> int:
+    """Compile threads to use by default: one per CPU this process may run on, at most
+    ``cap``. More threads than cores only add contention: on 2 cores, loading 25 kept
+    WRN-28-10 train steps took 5.9 s with 2 threads and 6.6 s with 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cap, cpus or 1))
+
+
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
     """Turns on JAX's persistent compilation cache in ``directory`` (default
     ``~/.cache/sdpoint_jax/xla``), caching every program however fast it compiled;
@@ -234,8 +242,10 @@ class InstancePrograms:
     def __len__(self) -> int:
         return len(self._compiled)
 
-    def precompile(self, keys: Iterable[Hashable], *, workers: int = 4) -> None:
-        """Compiles every key's program not compiled yet, ``workers`` at a time."""
+    def precompile(self, keys: Iterable[Hashable], *, workers: int | None = None) -> None:
+        """Compiles every key's program not compiled yet, ``workers`` at a time
+        (default: :func:`default_compile_workers`)."""
+        workers = default_compile_workers() if workers is None else workers
         todo = [key for key in dict.fromkeys(keys) if key not in self._compiled]
         if not todo:
             return

@@ -4,6 +4,7 @@ damaged file is compiled again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from sdpoint_jax.programs import (
     ExecutableCache,
     InstancePrograms,
+    default_compile_workers,
     enable_compilation_cache,
     executable_cache,
 )
@@ -93,6 +95,13 @@ def test_damaged_file_is_compiled_again_and_replaced(tmp_path, capsys):
     assert "ignoring unreadable cached executable" in capsys.readouterr().out
     assert cache.load(path) is not None  # replaced by a good one
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 2), (6, 6), (16, 8), (64, 8)])
+def test_default_compile_workers_is_one_per_usable_cpu_at_most_8(monkeypatch, cpus, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cpus)))
+    assert default_compile_workers() == workers
 
 
 def test_executables_live_beside_the_compilation_cache(tmp_path):

@@ -13,5 +13,4 @@ def get_config(variant=None):
     config.log_every_steps = 10
     config.checkpoint_every_steps = 200
     config.precompile = True
-    config.compile_workers = 2
     return config

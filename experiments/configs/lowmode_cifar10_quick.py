@@ -25,7 +25,6 @@ def get_config():
     config.log_every_steps = 20
     config.checkpoint_every_steps = 200
     config.precompile = True
-    config.compile_workers = 2
     config.training_settings = ("baseline", "low", "sdpoint", "sdpoint+low")
     config.accuracy_targets = (50.0, 60.0, 65.0, 70.0)
     return config

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from sdpoint_jax.bench import cli, report
 from sdpoint_jax.bench.train_steps import TrainSteps
 from sdpoint_jax.instance import Instance
-from sdpoint_jax.programs import enable_compilation_cache
+from sdpoint_jax.programs import default_compile_workers, enable_compilation_cache
 
 T = TypeVar("T")
 
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=cli.at_least(1, "--workers"),
-        default=4,
-        help="parallel compile threads (default: %(default)s)",
+        default=default_compile_workers(),
+        help="parallel compile threads (default: one per CPU core, at most 8; here %(default)s)",
     )
 
 
