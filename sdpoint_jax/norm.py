@@ -20,7 +20,7 @@ unbiased one; ``momentum=0.9`` here equals PyTorch's ``momentum=0.1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -60,6 +60,44 @@ def active_key(block: int, instance: Instance, bn_mode: str) -> str:
     if instance.is_full or block <= instance.point:
         return FULL_KEY
     return instance.key
+
+
+def trained_statistics(batch_stats: Mapping[str, Any], instance: Instance | None) -> dict:
+    """The part of a model's ``batch_stats`` that a training step of ``instance`` reads
+    and updates; ``None`` for a low-mode step, which updates none (an empty dict).
+
+    In each layer that is the active key and ``"uniform"``. A layer owns the instance's
+    own key exactly when the instance changes its input (:func:`layer_keys`), so the
+    active key (:func:`active_key`) is that key where the layer owns it and ``"full"``
+    elsewhere; a layer owning ``"uniform"`` alone (``bn_mode="uniform"``) uses that.
+    A layer is a mapping of keys to ``{"mean", "var"}`` pairs; any other mapping is a
+    scope of layers.
+    """
+    if instance is None:
+        return {}
+
+    def select(node: Mapping[str, Any]) -> dict:
+        if not all(_is_statistics(child) for child in node.values()):
+            return {name: select(child) for name, child in node.items()}
+        active = instance.key if instance.key in node else FULL_KEY
+        return {key: node[key] for key in dict.fromkeys((active, UNIFORM_KEY)) if key in node}
+
+    return select(batch_stats)
+
+
+def merge_statistics(batch_stats: Mapping[str, Any], part: Mapping[str, Any]) -> dict:
+    """``batch_stats`` with the entries of ``part`` (a :func:`trained_statistics`
+    subtree) put in their place; ``batch_stats`` itself is left as it is."""
+    merged = dict(batch_stats)
+    for name, child in part.items():
+        merged[name] = (
+            merge_statistics(batch_stats[name], child) if isinstance(child, Mapping) else child
+        )
+    return merged
+
+
+def _is_statistics(node: Any) -> bool:
+    return isinstance(node, Mapping) and set(node) == {"mean", "var"}
 
 
 def check_bn_mode(bn_mode: str) -> None:

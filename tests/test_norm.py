@@ -10,7 +10,13 @@ from conftest import init_variables
 
 from sdpoint_jax.instance import Instance
 from sdpoint_jax.models import create
-from sdpoint_jax.norm import KeyedBatchNorm, active_key, layer_keys
+from sdpoint_jax.norm import (
+    KeyedBatchNorm,
+    active_key,
+    layer_keys,
+    merge_statistics,
+    trained_statistics,
+)
 
 RATIOS = (0.5, 0.75)
 
@@ -73,6 +79,57 @@ def test_uniform_mode_has_one_key_for_all_instances():
     assert set().union(*_stats_by_layer(variables).values()) == {"uniform"}
     assert layer_keys(4, RATIOS, "uniform") == ("uniform",)
     assert active_key(4, Instance(2, 0.5), "uniform") == "uniform"
+
+
+@pytest.mark.parametrize(
+    ("name", "bn_mode"),
+    [("wrn-10-1", "instance"), ("wrn-10-1", "uniform"), ("densenet-bc-10-6", "instance")],
+)
+def test_trained_statistics_are_exactly_what_a_training_step_touches(name, bn_mode):
+    """Oracle: applied to no statistics at all, a training step creates (from their
+    initialisers) exactly the ones it reads and updates."""
+    model = create(name, bn_mode=bn_mode)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, instance=Instance.full(), train=False), x
+    )
+    for instance in model.space:
+        touched = jax.eval_shape(
+            lambda params, x, instance=instance: model.apply(
+                {"params": params}, x, instance=instance, train=True, mutable=["batch_stats"]
+            )[1]["batch_stats"],
+            variables["params"],
+            x,
+        )
+        selected = trained_statistics(variables["batch_stats"], instance)
+        assert jax.tree.structure(selected) == jax.tree.structure(touched), instance
+    assert trained_statistics(variables["batch_stats"], None) == {}  # low mode
+
+
+def test_merged_statistics_replace_the_trained_part_only(tiny_wrn):
+    _, variables = tiny_wrn
+    stats = variables["batch_stats"]
+    before = jax.tree.map(np.array, stats)
+    part = jax.tree.map(lambda leaf: leaf + 7.0, trained_statistics(stats, Instance(1, 0.5)))
+    merged = merge_statistics(stats, part)
+    assert jax.tree.structure(merged) == jax.tree.structure(stats)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(stats)]
+    changed = {
+        path
+        for path, old, new in zip(
+            paths, jax.tree.leaves(stats), jax.tree.leaves(merged), strict=True
+        )
+        if not np.array_equal(old, new)
+    }
+    part_paths = {
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(part)
+    }
+    assert changed == part_paths
+    assert "['block2']['bn1']['p1_r0p5']['mean']" in changed  # block 2 follows point 1
+    assert "['block1']['bn1']['full']['mean']" in changed
+    assert "['block1']['bn1']['uniform']['var']" in changed
+    for old, now in zip(jax.tree.leaves(before), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(old, now)  # the input is left as it was
 
 
 def test_bad_bn_mode_is_rejected():
