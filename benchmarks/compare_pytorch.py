@@ -68,7 +68,7 @@ def jax_figures(
     for i in range(steps + 2):
         start = time.perf_counter()
         state, metrics = step(state, data)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))
         if i >= 2:
             times.append(time.perf_counter() - start)
     forward = jax.jit(

@@ -253,3 +253,36 @@ def test_bfloat16_compute_trains_with_float32_state():
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2])  # fits the fixed batch
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+
+
+def test_train_programs_compute_the_train_step_with_one_shared_update_program():
+    import functools
+
+    from sdpoint_jax import parallel
+    from sdpoint_jax.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.train import create_optimizer, initial_state, train_programs, train_step
+
+    model = create("wrn-10-1")
+    tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
+    mesh = parallel.create_mesh()
+    initial = initial_state(model, tx, image_size=16, seed=0)
+    programs = train_programs(model, tx, parallel.replicate(initial, mesh), mesh, 8, 16)
+    fused = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    rng = np.random.default_rng(0)
+    expected = jax.tree.map(np.array, initial)  # a copy: the programs consume their state
+    state = parallel.replicate(initial, mesh)
+    for instance in [Instance.full(), Instance(2, 0.5)]:
+        batch = {
+            "image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        }
+        consumed = state
+        state, metrics = programs[instance](state, parallel.shard_batch(batch, mesh))
+        expected, expected_metrics = fused(expected, batch, instance=instance)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(consumed))  # donated
+        np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2
+    assert len(programs) == 2 and len(programs.update) == 1

@@ -1,13 +1,16 @@
 """Compile time of every train-step program: one by one, in parallel, from a warm cache.
 
-All ``2N + 1`` train-step programs of the target (built as training builds them) are
-compiled four times, each time in a fresh Python process, so that no run profits from
-another's in-memory state (JAX's persistent-cache setting is fixed per process once
-used; XLA may keep process-wide tuning results):
+All ``2N + 1`` train steps of the target (built as training builds them: each key's
+gradient program plus the parameter-update program they share,
+:class:`sdpoint_jax.train.TrainPrograms`) are compiled four times, each time in a fresh
+Python process, so that no run profits from another's in-memory state (JAX's
+persistent-cache setting is fixed per process once used; XLA may keep process-wide
+tuning results):
 
-1. ``one_by_one``: one program after the other, each timed, persistent cache disabled;
-   the full instance, compiled first, gives the cost of one program;
-2. ``parallel``: ``InstancePrograms.precompile(workers=W)``, writing into a new, empty
+1. ``one_by_one``: one step after the other, each timed, persistent cache disabled;
+   the full instance, compiled first (with the update program), gives the cost of one
+   train step;
+2. ``parallel``: ``TrainPrograms.precompile(workers=W)``, writing into a new, empty
    persistent compilation cache and executable cache (cold);
 3. ``warm_cache``: the same again in a new process, served by JAX's persistent cache
    alone (every program is still traced and lowered);
@@ -23,8 +26,8 @@ directory removed at the end.
 ``platform``, ``jax_version``, ``host_memory``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
 ``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
-``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (programs
-written to JAX's cache))
+``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (XLA programs
+read from or written to JAX's cache: ``2N + 1`` gradient programs and the update program))
 and ``parallel_over_one`` (parallel seconds / one program's seconds).
 """
 

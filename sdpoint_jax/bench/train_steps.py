@@ -19,8 +19,13 @@ from sdpoint_jax.bench.cli import Target
 from sdpoint_jax.bench.values import zeros_like
 from sdpoint_jax.config import cifar_config, imagenet_config
 from sdpoint_jax.models import SDPointModel
-from sdpoint_jax.programs import InstancePrograms
-from sdpoint_jax.train import TrainState, create_optimizer, initial_state, train_programs
+from sdpoint_jax.train import (
+    TrainPrograms,
+    TrainState,
+    create_optimizer,
+    initial_state,
+    train_programs,
+)
 
 STEPS_PER_EPOCH = 1000
 """Lays out the learning-rate schedule; it does not change the cost of a step."""
@@ -47,7 +52,7 @@ class TrainSteps:
 
     mesh: Mesh
     state: TrainState
-    programs: InstancePrograms
+    programs: TrainPrograms
 
     @classmethod
     def create(
