@@ -262,10 +262,17 @@ UPDATE_KEY = "update"
 """The key of the parameter-update program in :attr:`TrainPrograms.update`."""
 
 
+def _instance_and_low_mode(key: ProgramKey) -> tuple[Instance, LowMode | None]:
+    """What a step of ``key`` runs: an instance in full mode, or the full instance in
+    a low mode."""
+    return (Instance.full(), key) if isinstance(key, LowMode) else (key, None)
+
+
 def _trained_instance(key: ProgramKey) -> Instance | None:
     """The instance whose batch-norm statistics a step of ``key`` updates (None for a
     low mode, which updates none)."""
-    return None if isinstance(key, LowMode) else key
+    instance, low_mode = _instance_and_low_mode(key)
+    return None if low_mode is not None else instance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,10 +339,7 @@ def train_programs(
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def build_gradients(key: ProgramKey):
-        if isinstance(key, LowMode):
-            instance, low_mode = Instance.full(), key
-        else:
-            instance, low_mode = key, None
+        instance, low_mode = _instance_and_low_mode(key)
         step = functools.partial(gradient_step, model=model, instance=instance, low_mode=low_mode)
         return jax.jit(
             step,
