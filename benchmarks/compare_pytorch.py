@@ -7,7 +7,7 @@ the machine's state, and prints per-round figures, medians and the ratios
 ours / PyTorch for the train step (images/s, higher is better) and batch-1 inference
 (speed, higher is better). Default model: WRN-16-4 full instance, batch 128, random
 data. Like the command-line tools, this script restarts itself in its host memory mode
-(tcmalloc or huge pages for malloc, :mod:`sdpoint_jax.host_memory`); PyTorch is then
+(tcmalloc or huge pages for malloc, :mod:`sdpoint_jax.xla_cpu.host_memory`); PyTorch is then
 measured twice, as it runs out of the box and in the same mode as ours
 (``*_tcmalloc``, ``*_huge-pages``).
 """
@@ -15,7 +15,7 @@ measured twice, as it runs out of the box and in the same mode as ours
 from __future__ import annotations
 
 if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_host_memory
+    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
     restart_with_host_memory(__file__)
 
@@ -34,16 +34,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdpoint_jax import host_memory, parallel
 from sdpoint_jax.config import cifar_config
-from sdpoint_jax.conv_lowering import (
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.models import create
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run import create_optimizer, initial_state
+from sdpoint_jax.training.steps import train_programs
+from sdpoint_jax.xla_cpu import host_memory
+from sdpoint_jax.xla_cpu.conv_lowering import (
     CONV_LOWERINGS,
     inference_compiler_options,
     resolve_conv_lowering,
 )
-from sdpoint_jax.instance import Instance
-from sdpoint_jax.models import create
-from sdpoint_jax.train import create_optimizer, initial_state, train_programs
 
 HERE = Path(__file__).resolve().parent
 

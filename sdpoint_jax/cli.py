@@ -9,8 +9,8 @@ from typing import Any
 
 from absl import flags, logging
 
-from sdpoint_jax.checkpoint import CheckpointError
-from sdpoint_jax.data import DatasetUnavailableError
+from sdpoint_jax.data.pipeline import DatasetUnavailableError
+from sdpoint_jax.training.checkpoint import CheckpointError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,

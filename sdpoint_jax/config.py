@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from sdpoint_jax.programs import default_compile_workers
+from sdpoint_jax.training.programs import default_compile_workers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.bn_mode = "instance"  # or "uniform" (UBN: one set of statistics)
     c.dtype = "float32"  # compute dtype; "bfloat16" for accelerators
     c.conv_lowering = "auto"  # "xla", "matmul_grad" (fast CPU training); auto by backend
-    # low mode (sdpoint_jax.lowmode, paper 003): off while every probability is 0
+    # low mode (sdpoint_jax.core.lowmode, paper 003): off while every probability is 0
     c.low_mode_prob = 0.0  # p_low of every epoch
     c.low_mode_epoch_probs = config_dict.placeholder(tuple)  # or one p_low per epoch
     c.low_mode_ratio = 2  # integer input/kernel downsampling ratio r >= 2

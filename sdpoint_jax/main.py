@@ -20,16 +20,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_host_memory
+    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
     restart_with_host_memory(__file__)
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdpoint_jax import parallel
 from sdpoint_jax.cli import quiet_library_logs, report_user_errors
-from sdpoint_jax.programs import enable_compilation_cache
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.programs import enable_compilation_cache
 
 COMMANDS = ("train", "calibrate", "evaluate", "select", "all")
 
@@ -51,8 +51,13 @@ FLAGS = flags.FLAGS
 
 
 def run_command(command: str) -> None:
-    from sdpoint_jax.train import train
-    from sdpoint_jax.workflow import calibrate_run, cascade_holdout, evaluate_run, select_run
+    from sdpoint_jax.evaluation.workflow import (
+        calibrate_run,
+        cascade_holdout,
+        evaluate_run,
+        select_run,
+    )
+    from sdpoint_jax.training.loop import train
 
     if command == "select":
         select_run(

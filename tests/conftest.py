@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from sdpoint_jax.config import cifar_config
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 
 # Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and

@@ -30,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:  # imported on use: they load TensorFlow, which __main__ quiets first
     import ml_collections
 
-    from sdpoint_jax.train import Run, TrainState
+    from sdpoint_jax.training.run import Run, TrainState
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
@@ -53,8 +53,8 @@ def restore_run(
     """
     import jax
 
-    from sdpoint_jax.train import Run
-    from sdpoint_jax.workflow import state_for_evaluation
+    from sdpoint_jax.evaluation.workflow import state_for_evaluation
+    from sdpoint_jax.training.run import Run
 
     workdir = Path(workdir)
     checkpoints = workdir / "checkpoints"
@@ -80,7 +80,7 @@ def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
     out. ``B`` is ``config.eval_batch_size``, or less when ``images`` is smaller (rounded
     up to a multiple of the number of devices).
     """
-    from sdpoint_jax import data
+    from sdpoint_jax.data import pipeline
 
     config = run.config
     if images is not None and images <= 0:
@@ -88,7 +88,7 @@ def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
     batch_size = config.eval_batch_size
     if images is not None:
         batch_size = min(batch_size, math.ceil(images / run.mesh.size) * run.mesh.size)
-    batches = data.eval_batches(
+    batches = pipeline.eval_batches(
         config.dataset,
         global_batch_size=batch_size,
         split=config.eval_split,

@@ -33,7 +33,7 @@ from absl import logging
 
 from sdpoint_jax.cli import report_user_errors
 from sdpoint_jax.config import load_config
-from sdpoint_jax.programs import enable_compilation_cache
+from sdpoint_jax.training.programs import enable_compilation_cache
 
 
 def _factors(text: str) -> tuple[float, ...]:

@@ -3,7 +3,7 @@ grouped by the minimum inference cost at which an SDPoint model classifies them
 correctly.
 
 Every instance of the model is evaluated on the test images; an image's group is the
-cheapest instance (in FLOPs, :func:`sdpoint_jax.flops.count_flops`) under which it is a
+cheapest instance (in FLOPs, :func:`sdpoint_jax.models.cost.count_flops`) under which it is a
 top-``k`` hit, or "none correct". Instances of equal cost are ranked in the model's
 instance order (the full network first). The paper shows ImageNet images grouped by
 top-5 correctness and only those the full network gets right; here ``k`` is a
@@ -29,13 +29,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from sdpoint_jax import parallel
 from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
-from sdpoint_jax.datasets import dataset_spec
-from sdpoint_jax.evaluate import write_csv
-from sdpoint_jax.flops import count_flops
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.data.specs import dataset_spec
+from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.models import SDPointModel
+from sdpoint_jax.models.cost import count_flops
+from sdpoint_jax.training import parallel
 
 NONE_CORRECT = -1
 """Group of the images that no instance classifies correctly."""
@@ -108,7 +108,7 @@ class DifficultyResult:
 def _correct_fn(model: SDPointModel, top_k: int) -> Callable[..., jax.Array]:
     """Jitted ``(variables, images, labels, instance) -> bool (B,)``: top-``k`` hits.
 
-    As in :mod:`sdpoint_jax.evaluate`, an image is a hit when its logits are finite and
+    As in :mod:`sdpoint_jax.evaluation.evaluate`, an image is a hit when its logits are finite and
     fewer than ``k`` of them exceed its label's logit. ``instance`` is static.
     """
 

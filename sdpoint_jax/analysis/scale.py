@@ -39,11 +39,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from sdpoint_jax import parallel
 from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
-from sdpoint_jax.evaluate import write_csv
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.models import SDPointModel
+from sdpoint_jax.training import parallel
 
 PRECROP_SIZES = (256, 272, 288, 304, 320, 336, 352)
 """The paper's pre-crop sizes (shorter image side before the central crop)."""

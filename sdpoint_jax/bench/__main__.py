@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_host_memory
+    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
     restart_with_host_memory(__file__)
 

@@ -2,7 +2,7 @@
 
 All ``2N + 1`` train steps of the target (built as training builds them: each key's
 gradient program plus the parameter-update program they share,
-:class:`sdpoint_jax.train.TrainPrograms`) are compiled four times, each time in a fresh
+:class:`sdpoint_jax.training.loop.TrainPrograms`) are compiled four times, each time in a fresh
 Python process, so that no run profits from another's in-memory state (JAX's
 persistent-cache setting is fixed per process once used; XLA may keep process-wide
 tuning results):
@@ -15,7 +15,7 @@ tuning results):
 3. ``warm_cache``: the same again in a new process, served by JAX's persistent cache
    alone (every program is still traced and lowered);
 4. ``warm_executables``: the same again, served by the executable cache
-   (:class:`sdpoint_jax.programs.ExecutableCache`), as a resumed or repeated training
+   (:class:`sdpoint_jax.training.programs.ExecutableCache`), as a resumed or repeated training
    run is.
 
 Times are wall-clock seconds from the first program to the last (tracing, lowering and
@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.train_steps import TrainSteps
-from sdpoint_jax.instance import Instance
-from sdpoint_jax.programs import default_compile_workers, enable_compilation_cache
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.training.programs import default_compile_workers, enable_compilation_cache
 
 T = TypeVar("T")
 
@@ -71,16 +71,16 @@ COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli.add_target_arguments(parser)
+    options.add_target_arguments(parser)
     parser.add_argument(
         "--batch",
-        type=cli.at_least(1, "--batch"),
+        type=options.at_least(1, "--batch"),
         default=128,
         help="global batch size (default: %(default)s)",
     )
     parser.add_argument(
         "--workers",
-        type=cli.at_least(1, "--workers"),
+        type=options.at_least(1, "--workers"),
         default=default_compile_workers(),
         help="parallel compile threads (default: one per CPU core, at most 8; here %(default)s)",
     )
@@ -107,7 +107,7 @@ class CompileJob:
       keep_executables: also use the executable cache beside ``cache_dir``.
     """
 
-    target: cli.Target
+    target: options.Target
     batch_size: int
     workers: int | None
     cache_dir: str | None
@@ -148,7 +148,7 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
 
 
 def benchmark(
-    target: cli.Target, num_programs: int, batch_size: int, workers: int
+    target: options.Target, num_programs: int, batch_size: int, workers: int
 ) -> dict[str, Any]:
     """The four runs (``compile_bench.json``'s content)."""
     with tempfile.TemporaryDirectory(prefix="sdpoint_jax_bench_cache_") as root:
@@ -188,7 +188,7 @@ def benchmark(
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    target, model = cli.target_from_args(args, parser)
+    target, model = options.target_from_args(args, parser)
     result = benchmark(target, len(model.space), args.batch, args.workers)
     path = report.write_json(args.out / "compile_bench.json", result)
     one = result["one_program_s"]

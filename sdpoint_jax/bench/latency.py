@@ -34,12 +34,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.values import zeros_like
-from sdpoint_jax.conv_lowering import inference_compiler_options
-from sdpoint_jax.flops import abstract_variables, count_flops
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
+from sdpoint_jax.models.cost import abstract_variables, count_flops
+from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
 Row = dict[str, Any]
 
@@ -61,23 +61,23 @@ COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli.add_target_arguments(parser)
+    options.add_target_arguments(parser)
     parser.add_argument(
         "--batch",
-        type=cli.batch_sizes,
+        type=options.batch_sizes,
         default=[1, 32, 128],
         help="batch sizes (default: 1,32,128)",
     )
     parser.add_argument("--instances", default="all", help="'all' (default) or e.g. 'full,3:0.5'")
     parser.add_argument(
         "--repeats",
-        type=cli.at_least(1, "--repeats"),
+        type=options.at_least(1, "--repeats"),
         default=20,
         help="timed runs per program (default: %(default)s)",
     )
     parser.add_argument(
         "--warmup",
-        type=cli.at_least(0, "--warmup"),
+        type=options.at_least(0, "--warmup"),
         default=3,
         help="untimed runs first (default: %(default)s)",
     )
@@ -129,7 +129,7 @@ def measure(
 
 
 def benchmark(
-    target: cli.Target,
+    target: options.Target,
     model: SDPointModel,
     instances: Sequence[Instance],
     batches: Sequence[int],
@@ -257,7 +257,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Row]:
-    target, model = cli.target_from_args(args, parser)
+    target, model = options.target_from_args(args, parser)
     try:
         instances = list(dict.fromkeys(model.space.parse_list(args.instances)))
     except ValueError as err:

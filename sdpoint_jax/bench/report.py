@@ -10,12 +10,12 @@ from typing import Any
 
 import jax
 
-from sdpoint_jax import host_memory
+from sdpoint_jax.xla_cpu import host_memory
 
 
 def environment() -> dict[str, str]:
     """``device_kind``, ``platform`` and ``jax_version`` of this process's first device,
-    and the process's ``host_memory`` mode (:func:`sdpoint_jax.host_memory.active_mode`)."""
+    and the process's ``host_memory`` mode (:func:`sdpoint_jax.xla_cpu.host_memory.active_mode`)."""
     device = jax.devices()[0]
     return {
         "device_kind": device.device_kind,

@@ -4,7 +4,7 @@ Runs of ``steps`` jitted train steps on one random batch (real optimizer, state
 donated from step to step, as in training): every step the full instance; every step
 the instance with the fewest analytic FLOPs; the SDPoint mix, step ``s`` running
 ``draw_instance(space, seed=0, step=s, sdpoint=True)`` as training does; and, for
-architectures with a low mode (:mod:`sdpoint_jax.lowmode`), every step the full
+architectures with a low mode (:mod:`sdpoint_jax.core.lowmode`), every step the full
 instance in low mode (``LowMode()``: ratio 2, Gaussian input downsampling). Every
 program is compiled and run once before any timing. A run is timed from its first
 dispatch to its final state being ready, so host dispatch overlaps device work as in
@@ -37,14 +37,15 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sdpoint_jax import parallel
-from sdpoint_jax.bench import cli, report
+from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.train_steps import TrainSteps
-from sdpoint_jax.flops import count_flops, instance_costs
-from sdpoint_jax.instance import Instance, InstanceSpace
-from sdpoint_jax.lowmode import LowMode
+from sdpoint_jax.core.instance import Instance, InstanceSpace
+from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.models import SDPointModel
-from sdpoint_jax.train import ProgramKey, TrainState, draw_instance
+from sdpoint_jax.models.cost import count_flops, instance_costs
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run import TrainState
+from sdpoint_jax.training.schedules import ProgramKey, draw_instance
 
 COLUMNS = (
     report.Column("run", "name"),
@@ -57,13 +58,13 @@ COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cli.add_target_arguments(parser)
+    options.add_target_arguments(parser)
     parser.add_argument(
-        "--batch", type=cli.at_least(1, "--batch"), required=True, help="global batch size"
+        "--batch", type=options.at_least(1, "--batch"), required=True, help="global batch size"
     )
     parser.add_argument(
         "--steps",
-        type=cli.at_least(1, "--steps"),
+        type=options.at_least(1, "--steps"),
         default=20,
         help="timed steps per run (default: %(default)s)",
     )
@@ -100,7 +101,7 @@ def timed_run(
 
 
 def benchmark(
-    target: cli.Target, model: SDPointModel, batch_size: int, num_steps: int
+    target: options.Target, model: SDPointModel, batch_size: int, num_steps: int
 ) -> dict[str, Any]:
     """The timed runs and the FLOPs expectations (``train_bench.json``'s content)."""
     costs = {cost.instance: cost.flops for cost in instance_costs(model, target.input_hw)}
@@ -153,7 +154,7 @@ def _describe(draws: Mapping[str, int]) -> str:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    target, model = cli.target_from_args(args, parser)
+    target, model = options.target_from_args(args, parser)
     try:
         parallel.check_batch_size(args.batch, parallel.create_mesh())
     except ValueError as err:

@@ -1,6 +1,6 @@
 """The train-step programs that the ``train`` and ``compile`` benchmarks measure.
 
-They are built exactly as training builds them (:func:`sdpoint_jax.train.train_programs`:
+They are built exactly as training builds them (:func:`sdpoint_jax.training.loop.train_programs`:
 state replicated and donated, batch sharded over every device), with the paper's
 optimizer for the target's data set.
 """
@@ -14,18 +14,13 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from sdpoint_jax import parallel
-from sdpoint_jax.bench.cli import Target
+from sdpoint_jax.bench.options import Target
 from sdpoint_jax.bench.values import zeros_like
 from sdpoint_jax.config import cifar_config, imagenet_config
 from sdpoint_jax.models import SDPointModel
-from sdpoint_jax.train import (
-    TrainPrograms,
-    TrainState,
-    create_optimizer,
-    initial_state,
-    train_programs,
-)
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run import TrainState, create_optimizer, initial_state
+from sdpoint_jax.training.steps import TrainPrograms, train_programs
 
 STEPS_PER_EPOCH = 1000
 """Lays out the learning-rate schedule; it does not change the cost of a step."""

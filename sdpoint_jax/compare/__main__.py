@@ -14,16 +14,16 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.host_memory import restart_with_host_memory
+    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
     restart_with_host_memory(__file__)
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdpoint_jax import parallel
 from sdpoint_jax.cli import quiet_library_logs, report_user_errors
-from sdpoint_jax.programs import enable_compilation_cache
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.programs import enable_compilation_cache
 
 config_flags.DEFINE_config_file("config", None, "Comparison configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")

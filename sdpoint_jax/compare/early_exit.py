@@ -31,9 +31,9 @@ one schedule, so all enabled techniques act jointly from the first step.
 
 Budgeted inference (MSDNet, Huang et al. ICLR 2018, Sect. 5; IMTA Sect. 4): a sample
 leaves at the first exit whose top softmax probability reaches that exit's threshold;
-the exits are the stages of :mod:`sdpoint_jax.budget`, whose
-:func:`~sdpoint_jax.budget.fit_thresholds` picks thresholds on held-out training data
-for a target average cost and :func:`~sdpoint_jax.budget.budgeted_eval` applies them.
+the exits are the stages of :mod:`sdpoint_jax.evaluation.budget`, whose
+:func:`~sdpoint_jax.evaluation.budget.fit_thresholds` picks thresholds on held-out training data
+for a target average cost and :func:`~sdpoint_jax.evaluation.budget.budgeted_eval` applies them.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import optax
 from jax import lax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.conv_lowering import ConvLowering
 from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
+from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_ALPHA = 0.1
@@ -99,7 +99,7 @@ class EarlyExitMethod(Method):
       depth, width, num_classes: the WRN (``depth = 6n + 4``).
       ge, isc, ofa: the IMTA techniques (module docstring).
       temperature, alpha: OFA's ``T > 0`` and distillation weight in ``[0, 1]``.
-      conv_lowering: see :mod:`sdpoint_jax.conv_lowering`.
+      conv_lowering: see :mod:`sdpoint_jax.xla_cpu.conv_lowering`.
       name: default ``"ee"`` followed by the enabled techniques, e.g. ``"ee-ge-isc-ofa"``.
     """
 
@@ -174,8 +174,8 @@ class EarlyExitMethod(Method):
 
     def exit_probabilities(self, variables: Variables, images: jax.Array) -> jax.Array:
         """Softmax probabilities of every exit, ``(k, B, classes)``: the input of
-        :func:`sdpoint_jax.budget.fit_thresholds` and
-        :func:`sdpoint_jax.budget.budgeted_eval`."""
+        :func:`sdpoint_jax.evaluation.budget.fit_thresholds` and
+        :func:`sdpoint_jax.evaluation.budget.budgeted_eval`."""
         logits = self.model.apply(variables, images, train=False)
         return jax.nn.softmax(jnp.stack(logits), axis=-1)
 
@@ -186,8 +186,8 @@ class EarlyExitMethod(Method):
     def exit_gflops(self, image_size: int) -> np.ndarray:
         """GFLOPs ``(k,)`` of one image leaving at each exit in budgeted inference,
         where exits ``1..i-1`` were evaluated before exit ``i``: the ``exit_gflops`` of
-        :func:`sdpoint_jax.budget.fit_thresholds` and
-        :func:`sdpoint_jax.budget.budgeted_eval`."""
+        :func:`sdpoint_jax.evaluation.budget.fit_thresholds` and
+        :func:`sdpoint_jax.evaluation.budget.budgeted_eval`."""
         hw = (image_size, image_size)
         return np.array(
             [count_exit_flops(self.model, i, hw, cascade=True) / 1e9 for i in self.eval_settings()]

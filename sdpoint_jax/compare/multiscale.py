@@ -34,9 +34,9 @@ import numpy as np
 import optax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.flops import count_flops
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
+from sdpoint_jax.models.cost import count_flops
 
 _FULL = Instance.full()
 

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.flops import count_flops
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
+from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.models.wrn import WideResNet
 
 _FULL = Instance.full()

@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sdpoint_jax.select import pareto_front
+from sdpoint_jax.evaluation.selection import pareto_front
 
 Row = dict[str, Any]
 COMPARE_CSV = "compare.csv"

@@ -8,11 +8,11 @@ from pathlib import Path
 import ml_collections
 from tqdm.auto import tqdm
 
-from sdpoint_jax import parallel
-from sdpoint_jax.compare.methods import build_method
+from sdpoint_jax.compare.registry import build_method
 from sdpoint_jax.compare.report import COMPARE_CSV, COMPARE_PNG, plot_compare
 from sdpoint_jax.compare.trainer import Row, evaluate_method, train_method
-from sdpoint_jax.evaluate import write_csv
+from sdpoint_jax.evaluation.evaluate import write_csv
+from sdpoint_jax.training import parallel
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Row]:

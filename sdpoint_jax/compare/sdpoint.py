@@ -20,10 +20,10 @@ import numpy as np
 import optax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.flops import count_flops
-from sdpoint_jax.instance import DEFAULT_RATIOS, Instance
+from sdpoint_jax.core.instance import DEFAULT_RATIOS, Instance
 from sdpoint_jax.models import create
-from sdpoint_jax.train import draw_instance
+from sdpoint_jax.models.cost import count_flops
+from sdpoint_jax.training.schedules import draw_instance
 
 # A setting: the instance and the batch-norm statistics it is evaluated with.
 SDPointSetting = tuple[Instance, str]
@@ -32,7 +32,7 @@ SDPointSetting = tuple[Instance, str]
 class SDPointMethod(Method):
     """SDPoint training of registry model ``model_name`` (``sdpoint=False``: baseline).
 
-    Training settings are instances drawn as :func:`sdpoint_jax.train.draw_instance`
+    Training settings are instances drawn as :func:`sdpoint_jax.training.loop.draw_instance`
     draws them (bn mode ``"instance"``); eval settings are every instance with each of
     ``bn_modes``.
     """

@@ -1,7 +1,7 @@
 """One training and evaluation loop for every method of the comparison.
 
-Every method sees the same data stream (``data.train_batches`` with the config's seed),
-the same optimizer and learning-rate schedule (:func:`sdpoint_jax.train.create_optimizer`)
+Every method sees the same data stream (``pipeline.train_batches`` with the config's seed),
+the same optimizer and learning-rate schedule (:func:`sdpoint_jax.training.loop.create_optimizer`)
 and the same number of steps; only :class:`~sdpoint_jax.compare.method.Method` differs.
 Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
 every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
@@ -23,11 +23,12 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sdpoint_jax import data, parallel
-from sdpoint_jax.budget import budgeted_eval, fit_thresholds
-from sdpoint_jax.checkpoint import CheckpointManager, PreemptionFlag
 from sdpoint_jax.compare.method import Method, Setting, Variables
-from sdpoint_jax.train import create_optimizer
+from sdpoint_jax.data import pipeline
+from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.checkpoint import CheckpointManager, PreemptionFlag
+from sdpoint_jax.training.run import create_optimizer
 
 Row = dict[str, Any]
 
@@ -74,8 +75,8 @@ def train_method(
     Raises:
       Preempted: on ``SIGTERM``, after saving the current step.
     """
-    spec = data.dataset_spec(config.dataset)
-    steps_per_epoch = data.steps_per_epoch(
+    spec = pipeline.dataset_spec(config.dataset)
+    steps_per_epoch = pipeline.steps_per_epoch(
         config.dataset, config.batch_size, config.data_dir, config.train_split
     )
     total = int(config.num_epochs * steps_per_epoch)
@@ -100,7 +101,7 @@ def train_method(
         if start >= total:
             return state["variables"]
         programs: dict[Setting, Any] = {}
-        batches = data.train_batches(
+        batches = pipeline.train_batches(
             config.dataset,
             global_batch_size=config.batch_size,
             seed=config.seed,
@@ -150,7 +151,7 @@ def _outputs(
     (axis ``-2``), and the labels ``(N,)``."""
     outputs: list[list[np.ndarray]] = []
     labels = []
-    batches = data.eval_batches(
+    batches = pipeline.eval_batches(
         config.dataset,
         global_batch_size=config.eval_batch_size,
         split=split,
@@ -187,7 +188,7 @@ def evaluate_method(
     ``"budgeted"`` row per target of ``config.budget_points`` evenly spaced average
     costs (confidence thresholds fit on the held-out split, applied to the eval split).
     """
-    spec = data.dataset_spec(config.dataset)
+    spec = pipeline.dataset_spec(config.dataset)
     settings = list(method.eval_settings())
     placed = parallel.replicate(variables, mesh)
 
@@ -246,7 +247,7 @@ def _budgeted_rows(
 ) -> list[Row]:
     """Budgeted inference (MSDNet/IMTA): thresholds fit on ``config.holdout_split`` for
     each target average cost, error and average cost measured on the eval split."""
-    exit_gflops = method.exit_gflops(data.dataset_spec(config.dataset).image_size)
+    exit_gflops = method.exit_gflops(pipeline.dataset_spec(config.dataset).image_size)
     fn = jax.jit(lambda v, images: (method.exit_probabilities(v, images),))
     (fit_probs,), _ = _outputs(
         fn, variables, config, mesh, config.holdout_split, f"fit thresholds {method.name}"

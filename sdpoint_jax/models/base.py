@@ -8,11 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdpoint_jax.conv_lowering import ConvLowering
-from sdpoint_jax.instance import DEFAULT_RATIOS, Instance, InstanceSpace
-from sdpoint_jax.lowmode import LowMode
-from sdpoint_jax.models.layers import GlobalAvgPool, classifier
-from sdpoint_jax.points import SDPointContext
+from sdpoint_jax.core.instance import DEFAULT_RATIOS, Instance, InstanceSpace
+from sdpoint_jax.core.layers import GlobalAvgPool, classifier
+from sdpoint_jax.core.lowmode import LowMode
+from sdpoint_jax.core.points import SDPointContext
+from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 
 class SDPointModel(nn.Module, kw_only=True):
@@ -23,7 +23,7 @@ class SDPointModel(nn.Module, kw_only=True):
     ``(B, num_classes)``. ``instance`` must be static under ``jit`` (each instance is
     its own XLA program). ``init`` creates the batch-norm statistics of every instance.
     Architectures with ``supports_low_mode`` also take ``low_mode=LowMode(...)`` (static,
-    another XLA program): the same parameters run in low mode (:mod:`sdpoint_jax.lowmode`).
+    another XLA program): the same parameters run in low mode (:mod:`sdpoint_jax.core.lowmode`).
 
     Attributes:
       num_classes: classifier outputs.
@@ -34,7 +34,7 @@ class SDPointModel(nn.Module, kw_only=True):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
       conv_lowering: ``"xla"`` (default) or ``"matmul_grad"`` (training through
         matrix products over patch matrices, fast on CPU; see
-        :mod:`sdpoint_jax.conv_lowering`).
+        :mod:`sdpoint_jax.xla_cpu.conv_lowering`).
     """
 
     num_classes: int = 10

@@ -17,10 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.layers import Pool, Relu
+from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu
-from sdpoint_jax.points import SDPointContext
 
 NUM_BLOCKS = 3
 

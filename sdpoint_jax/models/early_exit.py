@@ -16,7 +16,7 @@ the network's own head; every other exit is a branch::
     PreActBasicBlock(stage width, stride 1) -> BN -> ReLU -> global avg pool -> linear
 
 Batch norm works as in the unmodified network: the layers come from an
-:class:`~sdpoint_jax.points.SDPointContext` running the full instance in an instance
+:class:`~sdpoint_jax.core.points.SDPointContext` running the full instance in an instance
 space without downsampling points, so every BN layer owns the ``"full"`` statistics
 (read at inference, updated in training) and the ``"uniform"`` ones, exactly the keys
 :class:`WideResNet` reads and updates under the full instance.
@@ -37,7 +37,7 @@ Networks" (ICCV 2019, "IMTA"), as switches of the model:
 * One-for-all distillation (Sect. 3.3) is a loss term, in
   :mod:`sdpoint_jax.compare.early_exit`.
 
-FLOPs: :func:`count_exit_flops` counts, with the rule table of :mod:`sdpoint_jax.flops`,
+FLOPs: :func:`count_exit_flops` counts, with the rule table of :mod:`sdpoint_jax.models.cost`,
 either what exiting at one exit needs (static exit, the SDPoint paper's EE curve) or
 what a budgeted-inference cascade evaluates before a sample leaves at that exit.
 """
@@ -53,12 +53,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdpoint_jax.conv_lowering import ConvLowering
-from sdpoint_jax.flops import CONV_TAPS, _layer_flops
-from sdpoint_jax.instance import Instance, InstanceSpace
-from sdpoint_jax.models.layers import Add, GlobalAvgPool, Relu, classifier
+from sdpoint_jax.core.instance import Instance, InstanceSpace
+from sdpoint_jax.core.layers import Add, GlobalAvgPool, Relu, classifier
+from sdpoint_jax.core.points import SDPointContext
+from sdpoint_jax.models.cost import CONV_TAPS, _layer_flops
 from sdpoint_jax.models.wrn import PreActBasicBlock, WideResNet
-from sdpoint_jax.points import SDPointContext
+from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 # Every BN layer is keyed as block 1 of a space with no points: it owns "full" and
 # "uniform" (see the module docstring).
@@ -265,7 +265,7 @@ def early_exit_wrn(depth: int, width: int, num_classes: int = 10, **kwargs: Any)
 
 def count_call_flops(fn: Callable[..., Any], *args: Any, conv_taps: str = "all") -> int:
     """FLOPs of ``fn(*args)`` traced abstractly (``jax.eval_shape``), counted with the
-    per-layer rules of :mod:`sdpoint_jax.flops` for every Flax module call it makes.
+    per-layer rules of :mod:`sdpoint_jax.models.cost` for every Flax module call it makes.
 
     ``fn`` is typically ``functools.partial(model.apply, ...)`` and ``args`` abstract
     variables and an image ``ShapeDtypeStruct``; the count is for the batch of ``args``.

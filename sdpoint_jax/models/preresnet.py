@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sdpoint_jax.models.layers import Add, Relu
+from sdpoint_jax.core.layers import Add, Relu
 from sdpoint_jax.models.residual import ResidualBlock, ResidualNet, Shortcut
 
 

@@ -7,7 +7,7 @@ as in the authors' code) the stem carries SDPoint point 1: the 3x3/2 max pool is
 replaced by adaptive max pooling to ``round(r * size after the max pool)``; the
 residual blocks are points ``2..N``. Otherwise the blocks are points ``1..N``.
 
-Low mode (:mod:`sdpoint_jax.lowmode`, ``low_mode=LowMode(r)``), as the low-mode paper
+Low mode (:mod:`sdpoint_jax.core.lowmode`, ``low_mode=LowMode(r)``), as the low-mode paper
 (003, Sect. 4) runs ResNet-18/50: the input is downsampled by ``r``, the block's 3x3
 convolutions (both of a basic block, the middle one of a bottleneck) run with
 average-pooled kernels, and the stem's max pool is dropped (item 5: "only in
@@ -22,11 +22,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from sdpoint_jax.instance import Instance
-from sdpoint_jax.lowmode import LowMode
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.layers import Pool, Relu
+from sdpoint_jax.core.lowmode import LowMode
+from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu
-from sdpoint_jax.points import SDPointContext
 
 # depth -> (block type, blocks per stage)
 STAGES: dict[int, tuple[str, tuple[int, int, int, int]]] = {

@@ -13,9 +13,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sdpoint_jax.instance import Instance
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.layers import Pool, Relu
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Pool, Relu
 
 POOL = "M"
 CONFIGS: dict[int, tuple[int | str, ...]] = {

@@ -23,7 +23,7 @@ outputs, no random numbers drawn):
   computed, so its batch-norm statistics see every example. At deterministic
   inference the residual branch is scaled by ``p_l``.
 
-Low mode (:mod:`sdpoint_jax.lowmode`, ``low_mode=LowMode(r)``): the input is
+Low mode (:mod:`sdpoint_jax.core.lowmode`, ``low_mode=LowMode(r)``): the input is
 downsampled by ``r`` and both 3x3 convolutions of every block run with average-pooled
 kernels (3x3 -> 1x1 for ``r = 2``), the paper's choice for the basic block; the stem
 and the 1x1 shortcuts are unchanged.
@@ -40,11 +40,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdpoint_jax.instance import Instance
-from sdpoint_jax.lowmode import LowMode
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.layers import Add, Relu
+from sdpoint_jax.core.lowmode import LowMode
+from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.base import SDPointModel
-from sdpoint_jax.models.layers import Add, Relu
-from sdpoint_jax.points import SDPointContext
 
 
 def check_rate(name: str, rate: float) -> None:

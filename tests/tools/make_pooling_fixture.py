@@ -19,7 +19,7 @@ Contents of the file:
 * ``ratio_{case}``: a ratio ``r`` with ``(round(r*H), round(r*W)) == (out_h, out_w)``
   under Python's ``round`` (half to even), or NaN when the case is not such a size;
 * ``round_table``: rows ``(size, ratio, round(ratio * size))`` computed with Python's
-  ``round``, to cross-check ``sdpoint_jax.instance.downsampled_size``.
+  ``round``, to cross-check ``sdpoint_jax.core.instance.downsampled_size``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""Choosing an instance for a cost budget from evaluation results.
+
+Rows are those of :func:`sdpoint_jax.evaluation.evaluate.evaluate_instances` (``point``, ``ratio``,
+``gflops``, ``top1_error``, ``bn_mode``, ...). A latency budget joins them with latency
+rows ``{"point", "ratio", "batch", "median_ms"}`` of a latency benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def pareto_front(rows: Sequence[Row], *, cost: str = "gflops") -> list[Row]:
+    """The rows no cheaper row beats, sorted by ``cost``.
+
+    A row is kept iff its ``top1_error`` is strictly lower than that of every row with
+    a lower ``cost``; of rows with equal cost only the one with the lowest error can be
+    kept (the first of them on an exact tie).
+    """
+    front: list[Row] = []
+    for row in sorted(rows, key=lambda row: (row[cost], row["top1_error"])):
+        if not front or row["top1_error"] < front[-1]["top1_error"]:
+            front.append(row)
+    return front
+
+
+def _instance_id(row: Row) -> tuple[int, float]:
+    return int(row["point"]), float(row["ratio"])
+
+
+def _with_latency(rows: Sequence[Row], latency_rows: Sequence[Row], batch: int | None) -> list[Row]:
+    """``rows`` with ``median_ms`` (and ``batch``) of the same instance added.
+
+    ``batch`` picks one batch size of the benchmark; it may be omitted when the
+    benchmark measured only one.
+    """
+    sizes = sorted({int(row["batch"]) for row in latency_rows})
+    if not sizes:
+        raise ValueError("budget_ms needs latency_rows, got none")
+    if batch is None:
+        if len(sizes) > 1:
+            raise ValueError(f"latency rows cover batch sizes {sizes}; pass batch=one of them")
+        batch = sizes[0]
+    elif batch not in sizes:
+        raise ValueError(f"no latency rows for batch {batch}; measured batch sizes: {sizes}")
+    latency: dict[tuple[int, float], float] = {}
+    for row in latency_rows:
+        if int(row["batch"]) != batch:
+            continue
+        if _instance_id(row) in latency:
+            raise ValueError(f"two latency rows for instance {_instance_id(row)} at batch {batch}")
+        latency[_instance_id(row)] = float(row["median_ms"])
+    missing = sorted({_instance_id(row) for row in rows} - latency.keys())
+    if missing:
+        raise ValueError(f"no latency at batch {batch} for instances (point, ratio) {missing}")
+    return [{**row, "batch": batch, "median_ms": latency[_instance_id(row)]} for row in rows]
+
+
+def select_instance(
+    rows: Sequence[Row],
+    *,
+    budget_gflops: float | None = None,
+    budget_ms: float | None = None,
+    latency_rows: Sequence[Row] | None = None,
+    batch: int | None = None,
+    bn_mode: str = "instance",
+) -> Row:
+    """The most accurate instance of ``bn_mode`` whose cost fits the budget.
+
+    Exactly one budget: ``budget_gflops`` (GFLOPs per image, from the rows) or
+    ``budget_ms`` (median milliseconds per batch, from ``latency_rows`` at batch size
+    ``batch``, joined on ``(point, ratio)``). Among the rows of ``bn_mode`` on the Pareto
+    front of that cost with cost ``<= budget``, returns the one with the lowest top-1
+    error: a copy of its row, plus ``batch`` and ``median_ms`` for a latency budget.
+
+    Raises:
+      ValueError: both or neither budget; ``budget_ms`` without latency rows, with an
+        ambiguous or unknown ``batch``, or with instances lacking a latency; no rows of
+        ``bn_mode``; or no instance within the budget (the message names the budget and
+        the cheapest cost available).
+    """
+    if (budget_gflops is None) == (budget_ms is None):
+        raise ValueError(
+            f"pass exactly one of budget_gflops and budget_ms, got budget_gflops="
+            f"{budget_gflops} and budget_ms={budget_ms}"
+        )
+    candidates = [row for row in rows if row["bn_mode"] == bn_mode]
+    if not candidates:
+        modes = sorted({row["bn_mode"] for row in rows})
+        raise ValueError(f"no rows with bn_mode {bn_mode!r}; the rows have bn modes {modes}")
+    if budget_gflops is not None:
+        cost, unit, budget = "gflops", "GFLOPs", budget_gflops
+    else:
+        candidates = _with_latency(candidates, latency_rows or (), batch)
+        cost, unit, budget = "median_ms", "ms", budget_ms
+    front = pareto_front(candidates, cost=cost)
+    fitting = [row for row in front if row[cost] <= budget]
+    if not fitting:
+        raise ValueError(
+            f"no {bn_mode!r} instance fits the budget of {budget:g} {unit}; the cheapest "
+            f"available costs {front[0][cost]:g} {unit}"
+        )
+    return dict(min(fitting, key=lambda row: row["top1_error"]))

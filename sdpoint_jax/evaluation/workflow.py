@@ -1,0 +1,235 @@
+"""The steps after training: calibrate BN per instance, evaluate every instance, choose.
+
+Each step reads and writes the run directory::
+
+    WORKDIR/checkpoints/   training checkpoints (``train``)
+    WORKDIR/calibrated/    the latest checkpoint with calibrated BN statistics
+    WORKDIR/results.{csv,json}, WORKDIR/cost_error.png   (``evaluate``)
+    WORKDIR/cascade.{csv,json}                           (``evaluate --cascade``)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_collections
+
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.data import pipeline
+from sdpoint_jax.evaluation.calibrate import calibrate
+from sdpoint_jax.evaluation.cascade import (
+    CASCADE_CSV,
+    CASCADE_JSON,
+    evaluate_cascade,
+    format_cascade,
+)
+from sdpoint_jax.evaluation.evaluate import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    evaluate_instances,
+    read_results,
+    write_csv,
+    write_results,
+)
+from sdpoint_jax.evaluation.plot import plot_cost_error
+from sdpoint_jax.evaluation.selection import select_instance
+from sdpoint_jax.training.run import Run, TrainState
+
+CALIBRATED = "calibrated"
+COST_ERROR_PNG = "cost_error.png"
+
+
+def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Recomputes every instance's BN statistics over ``config.calibration_batches``
+    fixed training batches (training augmentation with fixed seeds unless
+    ``config.calibration_augment`` is off) and saves them in ``calibrated/``."""
+    run = Run.create(config, workdir)
+    state, draws = run.restore()
+    step = int(state.step)
+    batches = pipeline.calibration_batches(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        num_batches=config.calibration_batches,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        augment=config.calibration_augment,
+        train_split=config.train_split,
+    )
+    print(
+        f"calibrating {len(run.model.space)} instances of step {step} on "
+        f"{config.calibration_batches} x {config.batch_size} training images"
+        + (" (training augmentation)" if config.calibration_augment else "")
+    )
+    variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
+    calibrated = state.replace(batch_stats=variables["batch_stats"])
+    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
+        recalibrating = manager.latest_step() == step
+    if recalibrating:  # derived data: replace the earlier calibration of this step
+        shutil.rmtree(run.workdir / CALIBRATED / str(step))
+    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
+        manager.save(
+            step, {"state": calibrated, "draws": draws}, config=config.to_dict(), force=True
+        )
+    print(f"saved calibrated statistics to {run.workdir / CALIBRATED}")
+    return calibrated
+
+
+def state_for_evaluation(run: Run) -> tuple[TrainState, str]:
+    """The calibrated state if it belongs to the latest training step, else the
+    training checkpoint (running-average statistics)."""
+    with run.checkpoints() as manager:
+        latest = manager.latest_step()
+    with run.checkpoints(CALIBRATED) as manager:
+        calibrated = manager.latest_step()
+    if calibrated is not None and calibrated == latest:
+        return run.restore(CALIBRATED)[0], "calibrated statistics"
+    if calibrated is not None:
+        print(f"calibration is of step {calibrated}, training is at {latest}: not using it")
+    return run.restore()[0], "running-average statistics (run `calibrate` to calibrate)"
+
+
+def cascade_holdout(config: ml_collections.ConfigDict) -> str:
+    """``config.holdout_split``, the held-out training images a cascade's thresholds are
+    fit on; prints a warning when ``config.train_split`` is unset (training then used
+    every training image, the held-out ones included).
+
+    Raises:
+      ValueError: ``config.holdout_split`` is unset.
+    """
+    if not config.holdout_split:
+        raise ValueError(
+            "--cascade fits its thresholds on held-out training images, but "
+            "config.holdout_split is not set; train with e.g. "
+            "--config.train_split=train[:45000] --config.holdout_split=train[45000:] "
+            "and evaluate with the same config"
+        )
+    if config.train_split is None:
+        print(
+            f"warning: config.train_split is not set, so the model was trained on every "
+            f"training image, {config.holdout_split!r} included: the cascade's thresholds "
+            f"are fit on images it has seen"
+        )
+    return config.holdout_split
+
+
+def evaluate_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    instances: str = "all",
+    cascade: bool = False,
+) -> list[dict]:
+    """Top-1/top-5 error of every instance with instance BN and UBN; writes
+    ``results.csv``, ``results.json`` and ``cost_error.png``.
+
+    With ``cascade``, also a confidence cascade across the chosen instances
+    (:mod:`sdpoint_jax.evaluation.cascade`) with the model's own statistics (per-instance BN for
+    an SDPoint run): stages and thresholds fit on ``config.holdout_split`` for
+    ``config.budget_points`` target average costs, measured on ``config.eval_split``;
+    writes ``cascade.csv`` and ``cascade.json`` and adds its curve to
+    ``cost_error.png``. Returns the instance rows either way.
+    """
+    holdout = cascade_holdout(config) if cascade else None
+    run = Run.create(config, workdir)
+    state, source = state_for_evaluation(run)
+    chosen = run.model.space.parse_list(instances)
+    bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
+    print(f"evaluating {len(chosen)} instances x {bn_modes} at step {int(state.step)}, {source}")
+
+    def batches(split: str | None) -> Iterator[dict]:
+        return pipeline.eval_batches(
+            config.dataset,
+            global_batch_size=config.eval_batch_size,
+            split=split,
+            data_dir=config.data_dir,
+        )
+
+    input_hw = (run.image_size, run.image_size)
+    rows = evaluate_instances(
+        run.model,
+        state.variables,
+        batches(config.eval_split),
+        chosen,
+        input_hw=input_hw,
+        bn_modes=bn_modes,
+        mesh=run.mesh,
+        progress=True,
+    )
+    write_results(rows, run.workdir)
+    print(format_results(rows))
+    written = [RESULTS_CSV, RESULTS_JSON, COST_ERROR_PNG]
+    curves = {}
+    if cascade:
+        print(f"cascade: thresholds fit on {holdout!r}, {config.budget_points} target costs")
+        cascade_rows = evaluate_cascade(
+            run.model,
+            state.variables,
+            batches(holdout),
+            batches(config.eval_split),
+            chosen,
+            input_hw=input_hw,
+            budget_points=config.budget_points,
+            single_rows=rows,
+            mesh=run.mesh,
+            progress=True,
+        )
+        write_csv(cascade_rows, run.workdir / CASCADE_CSV)
+        with open(run.workdir / CASCADE_JSON, "w") as file:
+            json.dump(cascade_rows, file, indent=1)
+            file.write("\n")
+        print(format_cascade(cascade_rows))
+        written += [CASCADE_CSV, CASCADE_JSON]
+        stages = cascade_rows[0]["stages"].count(",") + 1
+        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN)"
+        curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
+    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
+    plot_cost_error(rows, run.workdir / COST_ERROR_PNG, title=title, extra_curves=curves)
+    print(f"wrote {', '.join(written)} in {run.workdir}")
+    return rows
+
+
+def format_results(rows: list[dict]) -> str:
+    lines = [f"{'bn':>8} {'point':>5} {'ratio':>5} {'GFLOPs':>8} {'top-1 err':>9} {'top-5 err':>9}"]
+    for row in rows:
+        instance = Instance(row["point"], row["ratio"])
+        ratio = "-" if instance.is_full else f"{instance.ratio:g}"
+        lines.append(
+            f"{row['bn_mode']:>8} {row['point']:>5} {ratio:>5} {row['gflops']:>8.4f} "
+            f"{row['top1_error']:>9.2f} {row['top5_error']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def select_run(
+    workdir: str | Path,
+    *,
+    budget_gflops: float | None,
+    budget_ms: float | None,
+    latency_file: str | Path | None,
+    batch: int | None,
+) -> dict:
+    """Prints and returns the best measured instance within the budget."""
+    rows = read_results(workdir)
+    latency_rows = None
+    if budget_ms is not None:
+        path = Path(latency_file) if latency_file else Path(workdir) / "latency.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--budget-ms needs a latency table, and {path} does not exist: measure one "
+                f"with `python -m sdpoint_jax.bench latency --model M --out {Path(workdir)}`, "
+                f"or give one with --latency"
+            )
+        latency_rows = json.loads(path.read_text())
+    bn_mode = "instance" if any(r["bn_mode"] == "instance" for r in rows) else "uniform"
+    row = select_instance(
+        rows,
+        budget_gflops=budget_gflops,
+        budget_ms=budget_ms,
+        latency_rows=latency_rows,
+        batch=batch,
+        bn_mode=bn_mode,
+    )
+    print(format_results([row]))
+    return row

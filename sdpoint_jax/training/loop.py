@@ -1,0 +1,250 @@
+"""Training with SDPoint (Algorithm 1 of the paper), data-parallel and resumable.
+
+Every step draws one instance ``(p, r)`` on the host from a generator seeded by
+``(seed, step)`` (so a resumed run draws the same sequence) and runs the train step
+compiled for that instance. ``config.sdpoint = False`` trains the plain network with
+the same code (every step is the full instance).
+
+Low mode (:mod:`sdpoint_jax.core.lowmode`, paper 003; off by default): with
+``config.low_mode_prob > 0`` (or per-epoch ``config.low_mode_epoch_probs``) each step
+first draws, from its own generator seeded by ``(seed, step)``, whether it runs in
+low mode. A low-mode step runs the *full* network in low mode (inputs and eligible
+kernels downsampled by ``config.low_mode_ratio``); any other step draws an SDPoint
+instance exactly as without low mode. So a step is low-mode, an SDPoint instance, or
+full, and the instances of the other steps are those of the same run without low
+mode. Full mode is forced for ``config.full_mode_epochs_after_drop`` epochs after
+each learning-rate drop. Low-mode steps do not update running batch-norm statistics;
+evaluation runs in full mode.
+
+Optimisation follows the papers: SGD with Nesterov momentum 0.9 and L2 weight decay
+on every parameter (added to the gradient, as PyTorch's ``weight_decay``), and a
+step learning-rate schedule (``lr_drop_epochs``, each a ``lr_decay`` factor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+import tensorflow as tf  # TensorBoard summaries; already loaded by the input pipeline
+from tqdm.auto import tqdm
+
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.data import pipeline
+from sdpoint_jax.evaluation.evaluate import evaluate_instances
+from sdpoint_jax.training import parallel
+from sdpoint_jax.training.checkpoint import CheckpointError, PreemptionFlag
+from sdpoint_jax.training.run import Run, TrainState
+from sdpoint_jax.training.schedules import draw_step, learning_rate_schedule
+from sdpoint_jax.training.steps import ProgramKey, program_fingerprint, train_programs
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
+    """Trains ``config`` in ``workdir`` (checkpoints in ``workdir/checkpoints``).
+
+    With ``resume`` the latest checkpoint is restored and training continues exactly
+    as an uninterrupted run would; without it, an existing checkpoint is an error
+    (nothing trained is ever overwritten). SIGTERM saves a checkpoint and returns.
+    """
+    run = Run.create(config, workdir)
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    state, draws = _start_state(run, resume)
+    start = int(state.step)
+    end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
+    programs = train_programs(
+        run.model,
+        run.tx,
+        state,
+        run.mesh,
+        config.batch_size,
+        run.image_size,
+        program_fingerprint(config, run.model, run.steps_per_epoch),
+    )
+    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
+    if config.precompile:
+        compile_start = time.perf_counter()
+        programs.precompile(run.program_keys, workers=config.compile_workers)
+        logger.write(start, {"compile_seconds": time.perf_counter() - compile_start}, None)
+    eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
+    batches = pipeline.train_batches(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+        data_dir=config.data_dir,
+        train_split=config.train_split,
+    )
+    draws = Counter(draws)
+    with (
+        run.checkpoints(
+            keep_last=config.keep_checkpoints, keep_best=1, best_metric="top1_accuracy"
+        ) as manager,
+        PreemptionFlag() as preempted,
+    ):
+        save = functools.partial(_save, manager, config)
+        bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not logger.main)
+        schedule = learning_rate_schedule(config, run.steps_per_epoch)
+        last_log = (start, time.perf_counter())
+        clock = _TrainClock()
+        for step, batch in zip(
+            range(start, end), parallel.shard_batches(batches, run.mesh), strict=False
+        ):
+            key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
+            draws[str(key)] += 1
+            state, metrics = programs[key](state, batch)
+            if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
+                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+                now = time.perf_counter()
+                images_per_sec = (step + 1 - last_log[0]) * config.batch_size / (now - last_log[1])
+                last_log = (step + 1, now)
+                logger.write(
+                    step + 1,
+                    {
+                        **metrics,
+                        "learning_rate": float(schedule(step)),
+                        "images_per_sec": images_per_sec,
+                        "train_seconds": clock.seconds(),
+                    },
+                    key,
+                )
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    acc=f"{metrics['accuracy']:.3f}",
+                    img_s=f"{images_per_sec:.0f}",
+                    instance=str(key),
+                )
+            bar.update()
+            # at most one save per step: a step is never written twice
+            if (step + 1) % eval_every == 0 or step + 1 == run.total_steps:
+                with clock.paused(state):
+                    top1 = _full_accuracy(run, state)
+                    logger.write(
+                        step + 1,
+                        {"eval_top1_accuracy": top1, "train_seconds": clock.seconds()},
+                        None,
+                    )
+                    save(step + 1, state, draws, {"top1_accuracy": top1})
+                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
+            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end or preempted():
+                with clock.paused(state):
+                    save(step + 1, state, draws, None)
+            if preempted():
+                logger.note(f"SIGTERM: saved step {step + 1} and stopped")
+                break
+        bar.close()
+    logger.write_draws(int(state.step), dict(sorted(draws.items())))
+    logger.close()
+    return state
+
+
+def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
+    with run.checkpoints() as manager:
+        latest = manager.latest_step()
+    if latest is None:
+        if resume:
+            print(f"--resume: no checkpoint in {run.workdir / 'checkpoints'}; starting fresh")
+        return run.initial_state(), run.initial_draws()
+    if not resume:
+        raise CheckpointError(
+            f"{run.workdir / 'checkpoints'} already holds a checkpoint (step {latest}); "
+            f"pass --resume to continue it, or choose a new --workdir"
+        )
+    return run.restore()
+
+
+def _save(manager, config, step, state, draws, metrics) -> None:
+    checkpoint = {"state": state, "draws": {k: int(v) for k, v in draws.items()}}
+    manager.save(step, checkpoint, config=config.to_dict(), metrics=metrics, force=True)
+
+
+def _full_accuracy(run: Run, state: TrainState) -> float:
+    """Top-1 accuracy (%) of the full instance on the eval split (instance BN)."""
+    batches = pipeline.eval_batches(
+        run.config.dataset,
+        global_batch_size=run.config.eval_batch_size,
+        split=run.config.eval_split,
+        data_dir=run.config.data_dir,
+    )
+    (row,) = evaluate_instances(
+        run.model,
+        state.variables,
+        batches,
+        [Instance.full()],
+        input_hw=(run.image_size, run.image_size),
+        bn_modes=("instance",),
+        mesh=run.mesh,
+    )
+    return 100.0 - row["top1_error"]
+
+
+class _TrainClock:
+    """Wall-clock seconds spent in training steps by this invocation (a resumed run
+    starts again from 0): evaluation and checkpoint saves are paused out, and the
+    clock waits for the device before it pauses, so no step's time is missed."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._paused_total = 0.0
+        self._paused_at: float | None = None
+
+    def seconds(self) -> float:
+        """Training seconds so far (frozen while paused)."""
+        now = time.perf_counter() if self._paused_at is None else self._paused_at
+        return now - self._start - self._paused_total
+
+    @contextlib.contextmanager
+    def paused(self, state: TrainState) -> Iterator[None]:
+        jax.block_until_ready(state)
+        self._paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_total += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+
+class _MetricsLogger:
+    """Metrics to ``train_log.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
+
+    def __init__(self, workdir: Path, main: bool):
+        self.main = main
+        self._jsonl = (workdir / "train_log.jsonl").open("a") if main else None
+        self._tb = None
+        if main:
+            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], key: ProgramKey | None) -> None:
+        """One log row; ``key`` (the step's instance or low mode) goes in ``"instance"``."""
+        if not self.main:
+            return
+        row = {"step": step, **metrics}
+        if key is not None:
+            row["instance"] = str(key)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar(name, value)
+
+    def write_draws(self, step: int, draws: dict[str, int]) -> None:
+        """Steps per instance and low mode so far (a ``"draws"`` log row), and prints them."""
+        self.note("draws (instances, low mode): " + json.dumps(draws))
+        if self.main:
+            self._jsonl.write(json.dumps({"step": step, "draws": draws}) + "\n")
+            self._jsonl.flush()
+
+    def note(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.main:
+            self._jsonl.close()
+            self._tb.close()

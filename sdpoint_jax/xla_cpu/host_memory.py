@@ -1,0 +1,239 @@
+"""Host memory for XLA:CPU programs: a ``malloc`` that keeps what a step frees.
+
+An XLA:CPU execution allocates its temporaries (about 2 GiB for a WRN-16-4 train step
+at batch 128) with ``malloc`` when it starts and frees them when it ends. glibc serves
+blocks that large with fresh ``mmap`` pages and unmaps them on ``free``, so every step
+faults its temporaries in again, 4 KiB at a time, and the kernel zeroes each page:
+building one 302 MB patch matrix (:mod:`sdpoint_jax.xla_cpu.conv_lowering`) took 299 ms inside
+a program, 92 ms without the faults. Under a hypervisor that takes back a guest's free
+memory (free page reporting, as in many cloud VMs) it is worse: memory left free for a
+second or two costs host faults when touched again, so a step's cost depended on what
+ran before it (measured: a full WRN-16-4 step took 2.82 s back to back, 3.04 s after a
+1.5 s pause and 3.67 s after a 4 s pause, the difference all system time). SDPoint
+training switches programs every step, so the full network's larger temporaries were
+always "cold".
+
+Where it can, a command-line program therefore restarts itself once with a different
+host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
+
+``tcmalloc``
+    ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
+    package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
+    it, so most steps fault and zero no pages. Measured (2-core x86 VM, WRN-16-4,
+    batch 128): full step 2.63 s, with no system time, back to back, after another
+    program or after a pause alike. tcmalloc still hands free memory back to the
+    kernel now and then (gperftools' ``TCMALLOC_RELEASE_RATE``, default 1), so some
+    steps fault theirs in again: about 1 run in 3 of the program above, and 4.4
+    million page faults in ``bench train --model wrn-16-4 --batch 128 --steps 24``.
+    ``TCMALLOC_RELEASE_RATE=0`` (set it yourself; it is passed on) never hands memory
+    back: 1.9 million faults in that bench (10.1 s of system time instead of 14.8 s)
+    for a peak resident memory of 7.7 GiB instead of 5.9 GiB.
+``huge-pages``
+    glibc's tunable ``glibc.malloc.hugetlb=1``: ``malloc`` asks for transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
+    time (139,337 page faults per run of the program above became 354) but still
+    returned after every step. Full step 2.70 s instead of 3.28 s.
+``default``
+    The process as started.
+``auto`` (the default)
+    On a CPU backend (``JAX_PLATFORMS`` starts with ``cpu``, or no accelerator plugin
+    is installed) on Linux with glibc: ``tcmalloc`` where the library is installed,
+    else ``huge-pages`` where the kernel's transparent huge pages are in ``madvise``
+    mode (in ``always`` mode large blocks get them anyway), else ``default``. A process
+    whose ``LD_PRELOAD`` already names an allocator (``*malloc*``) is left as it is,
+    and a user's own ``glibc.malloc.hugetlb`` setting is kept.
+
+Keeping freed memory with glibc itself (``mallopt``: one arena, no ``mmap``, no
+trimming) was tried and is not used: its heap fragmented and kept growing (WRN-16-2,
+60 mixed steps: 2.9 to 5.1 GiB resident), and one shared arena made batch-1 inference
+5-10% slower.
+
+``malloc`` is chosen when a process starts (``LD_PRELOAD``, ``GLIBC_TUNABLES``), hence
+the restart: programs call :func:`restart_with_host_memory` first thing. In your own
+programs, set the variables before Python starts.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+MODE_VARIABLE = "SDPOINT_JAX_HOST_MEMORY"
+MODES = ("auto", "tcmalloc", "huge-pages", "default")
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+"""Library names searched for tcmalloc, in order (``ctypes.util.find_library``)."""
+TCMALLOC_SETTINGS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**50)}
+"""Set unless the user set them: without this, tcmalloc prints a stack line to stderr
+for each allocation over 1 GiB (a WRN-28-10 step makes several)."""
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _accelerator_plugin_installed() -> bool:
+    """Whether JAX would find a TPU library or a PJRT plugin (CUDA, ROCm, ...)."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    namespace = importlib.util.find_spec("jax_plugins")
+    locations = namespace.submodule_search_locations if namespace else None
+    return bool(locations) and any(True for _ in pkgutil.iter_modules(locations))
+
+
+def cpu_backend_expected(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether JAX's default backend will be the CPU, judged without importing JAX: the
+    first of ``JAX_PLATFORMS`` where that is set, else no accelerator plugin."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not _accelerator_plugin_installed()
+
+
+def transparent_huge_page_mode() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), or
+    None where it cannot be read."""
+    try:
+        text = THP_MODE_FILE.read_text()
+    except OSError:
+        return None
+    selected = [word[1:-1] for word in text.split() if word.startswith("[")]
+    return selected[0] if selected else None
+
+
+@functools.cache
+def tcmalloc_library() -> str | None:
+    """The installed tcmalloc library's name (for ``LD_PRELOAD``), or None. Looked up
+    once per process (each ``find_library`` runs ``ldconfig``, about 17 ms per name
+    where the library is missing)."""
+    for name in TCMALLOC_LIBRARIES:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def _preloads(environ: Mapping[str, str]) -> list[str]:
+    return [entry for entry in environ.get("LD_PRELOAD", "").replace(":", " ").split() if entry]
+
+
+def allocator_preloaded(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ``'s ``LD_PRELOAD`` names an allocator (jemalloc, tcmalloc, ...)."""
+    return any("malloc" in os.path.basename(entry) for entry in _preloads(environ))
+
+
+def requested_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """:data:`MODE_VARIABLE`'s value (``auto`` where unset); ``ValueError`` naming
+    :data:`MODES` for any other value."""
+    mode = environ.get(MODE_VARIABLE, "auto")
+    if mode not in MODES:
+        raise ValueError(f"{MODE_VARIABLE} must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def resolved_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """The mode a program started with ``environ`` runs in (``auto`` resolved as in the
+    module docstring); ``ValueError`` for a bad :data:`MODE_VARIABLE`, or for
+    ``tcmalloc`` where it is not installed."""
+    mode = requested_mode(environ)
+    if mode == "tcmalloc" and tcmalloc_library() is None:
+        raise ValueError(
+            f"{MODE_VARIABLE}=tcmalloc, but no tcmalloc library was found (searched "
+            f"{', '.join('lib' + name for name in TCMALLOC_LIBRARIES)}); install it "
+            "(Debian/Ubuntu: apt install libtcmalloc-minimal4) or choose another of "
+            f"{', '.join(MODES)}"
+        )
+    if mode != "auto":
+        return mode
+    if not (
+        platform.system() == "Linux"
+        and platform.libc_ver()[0] == "glibc"
+        and cpu_backend_expected(environ)
+        and not allocator_preloaded(environ)
+    ):
+        return "default"
+    if tcmalloc_library() is not None:
+        return "tcmalloc"
+    return "huge-pages" if transparent_huge_page_mode() == "madvise" else "default"
+
+
+def with_tcmalloc(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with tcmalloc first in ``LD_PRELOAD`` (once) and
+    :data:`TCMALLOC_SETTINGS` where unset; ``ValueError`` where it is not installed."""
+    library = tcmalloc_library()
+    if library is None:
+        raise ValueError("no tcmalloc library was found")
+    preloads = _preloads(environ)
+    if library not in preloads:
+        preloads.insert(0, library)
+    return {**TCMALLOC_SETTINGS, **environ, "LD_PRELOAD": " ".join(preloads)}
+
+
+def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with :data:`HUGE_PAGES_TUNABLE` added to ``GLIBC_TUNABLES`` (a user's
+    own ``glibc.malloc.hugetlb`` setting is kept)."""
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        tunables.append(HUGE_PAGES_TUNABLE)
+    return {**environ, "GLIBC_TUNABLES": ":".join(tunables)}
+
+
+def environment_for(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` set up for ``mode`` (one of :data:`MODES` but ``auto``)."""
+    setups = {"tcmalloc": with_tcmalloc, "huge-pages": with_huge_pages, "default": dict}
+    return setups[mode](environ)
+
+
+def active_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """The mode ``environ`` already carries: ``tcmalloc``, ``huge-pages`` or ``default``."""
+    if any("tcmalloc" in os.path.basename(entry) for entry in _preloads(environ)):
+        return "tcmalloc"
+    tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+    return "huge-pages" if HUGE_PAGES_TUNABLE in tunables else "default"
+
+
+def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without what :func:`environment_for` adds (tcmalloc's preload and
+    settings, the huge-pages tunable), for a child process measured as it runs out of
+    the box."""
+    environ = {key: value for key, value in environ.items() if key not in TCMALLOC_SETTINGS}
+    preloads = [entry for entry in _preloads(environ) if "tcmalloc" not in entry]
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    tunables = [t for t in tunables if t != HUGE_PAGES_TUNABLE]
+    for variable, entries, separator in (
+        ("LD_PRELOAD", preloads, " "),
+        ("GLIBC_TUNABLES", tunables, ":"),
+    ):
+        environ.pop(variable, None)
+        if entries:
+            environ[variable] = separator.join(entries)
+    return environ
+
+
+def restart_with_host_memory(program_file: str) -> None:
+    """Starts this program again in its host memory mode (:func:`resolved_mode`) where
+    its environment lacks it; otherwise returns. Call it first in a program's
+    ``__main__`` block, before any work, with the program's ``__file__`` (the process is
+    replaced: same interpreter, arguments and environment plus the mode's variables).
+    Nothing happens unless the process was started as that program (``sys.argv[0]``),
+    so running its module inside another program (``runpy`` in a notebook) never
+    replaces that process. A bad :data:`MODE_VARIABLE` stops the program with an
+    error naming the allowed values."""
+    if os.path.realpath(sys.argv[0]) != os.path.realpath(program_file):
+        return
+    try:
+        environ = environment_for(resolved_mode(), os.environ)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if environ == dict(os.environ):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, environ)

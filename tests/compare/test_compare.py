@@ -1,0 +1,121 @@
+"""The comparison harness end to end on CIFAR-10 (tiny WRN, 4 steps, 64 test images).
+
+Real data rather than ``tfds.testing.mock_data``: the mock swaps the file system for
+the whole process while a data set is opened, which races with checkpoint writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from sdpoint_jax.compare.registry import BUILDERS, build_method
+from sdpoint_jax.compare.run import run_comparison
+from sdpoint_jax.compare.sdpoint import SDPointMethod
+from sdpoint_jax.compare.trainer import Preempted, train_method
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.training import parallel
+from tests.conftest import needs_cifar10, tiny_cifar10_config
+
+EVAL_EXAMPLES = 64
+pytestmark = needs_cifar10
+
+
+def tiny_config(methods: tuple[str, ...]):
+    return tiny_cifar10_config(
+        ratios=(0.5,),  # 4 SDPoint instances: fewer programs to compile
+        batch_size=16,
+        max_steps=4,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        eval_batch_size=32,
+        eval_split=f"test[:{EVAL_EXAMPLES}]",
+        train_split="train[64:1088]",
+        holdout_split="train[:64]",
+        budget_points=3,
+        stochastic_passes=3,
+        methods=methods,
+    )
+
+
+def test_compare_trains_evaluates_and_reports_every_method(tmp_path):
+    methods = tuple(BUILDERS)
+    config = tiny_config(methods)
+    rows = run_comparison(config, tmp_path)
+
+    with open(tmp_path / "compare.csv") as file:
+        written = list(csv.DictReader(file))
+    assert len(written) == len(rows)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    for name in methods:
+        method = build_method(name, config)
+        method_rows = [row for row in rows if row["method"] == name and row["kind"] == "setting"]
+        assert [row["setting"] for row in method_rows] == [
+            method.describe(setting) for setting in method.eval_settings()
+        ]
+        for row in method_rows:
+            assert row["examples"] == EVAL_EXAMPLES
+            assert 0.0 <= row["top1_error"] <= 100.0
+            assert row["gflops"] > 0
+        # every method trained for the same 4 steps, checkpointed at its end
+        assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == ["4"]
+    kinds = {(row["method"], row["kind"]) for row in rows}
+    stochastic = {"sdpoint", "dropout", "stochastic-depth"}
+    assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
+    assert {m for m, kind in kinds if kind == "budgeted"} == {"ee", "ee-ge-isc-ofa"}
+    for row in rows:
+        if row["kind"] == "budgeted":  # average cost between the first and the last exit
+            ee = build_method(row["method"], config).exit_gflops(32)
+            assert ee[0] <= row["gflops"] <= ee[-1]
+    sdpoint = [row for row in rows if row["method"] == "sdpoint" and row["kind"] == "setting"]
+    assert {row["curve"] for row in sdpoint} == {"sdpoint", "sdpoint-ubn"}
+    assert len(sdpoint) == 2 * len(list(build_method("sdpoint", config).model.space))
+    (baseline,) = [r for r in rows if r["method"] == "baseline" and r["kind"] == "setting"]
+    assert baseline["setting"] == str(Instance.full())
+
+
+def test_rerun_skips_finished_methods(tmp_path):
+    config = tiny_config(("baseline",))
+    first = run_comparison(config, tmp_path)
+    rows_file = tmp_path / "baseline" / "rows.json"
+    assert json.loads(rows_file.read_text()) == first
+    mtime = rows_file.stat().st_mtime_ns
+    assert run_comparison(config, tmp_path) == first
+    assert rows_file.stat().st_mtime_ns == mtime
+
+
+def test_unknown_method_is_rejected_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown comparison method 'nope'; choose from"):
+        run_comparison(tiny_config(("baseline", "nope")), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+class SigtermAtStep(SDPointMethod):
+    """SDPoint that sends this process SIGTERM when drawing the setting of ``step``."""
+
+    def __init__(self, step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_step = step
+
+    def train_setting(self, seed, step):
+        if step == self.stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_setting(seed, step)
+
+
+def test_sigterm_saves_and_a_rerun_resumes_exactly(tmp_path):
+    config = tiny_config(("sdpoint",))
+    mesh = parallel.create_mesh()
+    kwargs = {"model_name": "wrn-10-1", "num_classes": 10}
+    reference = train_method(SDPointMethod(**kwargs), config, tmp_path / "reference", mesh)
+    with pytest.raises(Preempted, match="SIGTERM: saved sdpoint at step 3"):
+        train_method(SigtermAtStep(2, **kwargs), config, tmp_path / "resumed", mesh)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["3"]
+    resumed = train_method(SDPointMethod(**kwargs), config, tmp_path / "resumed", mesh)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)

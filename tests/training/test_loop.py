@@ -1,0 +1,291 @@
+"""Training workflow on real CIFAR-10 (tiny model, a few steps): exact resume, errors,
+calibrate -> evaluate -> select, and data-parallel equivalence on 8 CPU devices."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run, select_run
+from sdpoint_jax.training.checkpoint import CheckpointError
+from sdpoint_jax.training.loop import train
+from sdpoint_jax.training.programs import enable_compilation_cache
+from tests.conftest import SHARED_DATA_DIR, needs_cifar10, tiny_cifar10_config
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = needs_cifar10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
+
+
+# The training split is read into memory at the start of every run: keep it small.
+TRAIN_SPLIT = "train[:1024]"
+
+
+def tiny_config(max_steps: int):
+    return tiny_cifar10_config(
+        batch_size=16,
+        max_steps=max_steps,
+        train_split=TRAIN_SPLIT,
+        log_every_steps=1,
+        eval_every_epochs=1000.0,  # no evaluation inside these short runs
+        eval_split="test[:48]",
+        eval_batch_size=16,
+        calibration_batches=2,
+    )
+
+
+def losses(workdir: Path) -> list[tuple[int, float, str]]:
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["instance"]) for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    state = train(tiny_config(6), workdir, resume=False)
+    return workdir, state
+
+
+def test_log_counts_training_seconds_of_the_steps(uninterrupted):
+    workdir, _ = uninterrupted
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    seconds = [r["train_seconds"] for r in rows if "loss" in r]
+    assert len(seconds) == 6 and seconds[0] > 0
+    assert all(a < b for a, b in itertools.pairwise(seconds))
+
+
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
+    reference_dir, reference_state = uninterrupted
+    train(tiny_config(3), tmp_path, resume=False)
+    state = train(tiny_config(6), tmp_path, resume=True)
+    assert losses(tmp_path) == losses(reference_dir)
+    assert len(losses(tmp_path)) == 6
+    assert len({instance for _, _, instance in losses(tmp_path)}) > 1  # instances drawn
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_existing_checkpoint_is_never_overwritten(uninterrupted):
+    workdir, _ = uninterrupted
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint.*--resume"):
+        train(tiny_config(6), workdir, resume=False)
+
+
+def test_resume_with_a_different_config_is_refused(uninterrupted):
+    workdir, _ = uninterrupted
+    config = tiny_config(8)
+    config.learning_rate = 0.05
+    with pytest.raises(CheckpointError, match=r"different config \(learning_rate: 0\.1 -> 0\.05\)"):
+        train(config, workdir, resume=True)
+
+
+def test_calibrate_evaluate_select(uninterrupted):
+    workdir, _ = uninterrupted
+    config = tiny_config(6)
+    calibrate_run(config, workdir)
+    assert (workdir / "calibrated").is_dir()
+    rows = evaluate_run(config, workdir)
+    assert len(rows) == 2 * 7  # 7 instances of wrn-10-1, instance BN and UBN
+    assert {r["bn_mode"] for r in rows} == {"instance", "uniform"}
+    assert all(r["examples"] == 48 for r in rows)
+    for name in ("results.csv", "results.json", "cost_error.png"):
+        assert (workdir / name).stat().st_size > 0
+    budget = sorted(r["gflops"] for r in rows)[3]
+    chosen = select_run(
+        workdir, budget_gflops=budget, budget_ms=None, latency_file=None, batch=None
+    )
+    assert chosen["gflops"] <= budget and chosen["bn_mode"] == "instance"
+    fitting = [r for r in rows if r["bn_mode"] == "instance" and r["gflops"] <= budget]
+    assert chosen["top1_error"] == min(r["top1_error"] for r in fitting)
+    with pytest.raises(ValueError, match="budget"):
+        select_run(workdir, budget_gflops=1e-6, budget_ms=None, latency_file=None, batch=None)
+
+
+EQUIVALENCE_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from sdpoint_jax.training import parallel
+    from sdpoint_jax.core.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.training.run import create_optimizer, initial_state
+    from sdpoint_jax.training.steps import train_programs
+    from sdpoint_jax.config import cifar_config
+
+    assert len(jax.devices()) == 8, jax.devices()
+    model = create("wrn-10-1")
+    config = cifar_config("wrn-10-1", "cifar10")
+    config.learning_rate = 0.01  # at 0.1, random labels make 3 steps chaotic
+    tx = create_optimizer(config, steps_per_epoch=100)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+         "label": rng.integers(0, 10, 16).astype(np.int32)}
+        for _ in range(3)
+    ]
+    instances = [Instance.full(), Instance(2, 0.5), Instance(3, 0.75)]
+    states = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.create_mesh(devices)
+        state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
+        programs = train_programs(model, tx, state, mesh, 16, 32)
+        states.append([])
+        for batch, instance in zip(batches, instances):
+            state, _ = programs[instance](state, parallel.shard_batch(batch, mesh))
+            states[-1].append(jax.device_get(state))
+    # Every leaf after every step agrees in relative norm (float summation order only).
+    for one, eight in zip(*states):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+            a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+            assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-3)
+    print("EQUIVALENT", len(jax.tree.leaves(states[0][-1])))
+    """
+)
+
+
+def test_eight_devices_match_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", EQUIVALENCE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EQUIVALENT" in result.stdout
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdpoint_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    overrides = [
+        f"--config.data_dir={SHARED_DATA_DIR}",
+        "--config.model=wrn-10-1",
+        "--config.batch_size=16",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=100000",
+        f"--config.train_split={TRAIN_SPLIT}",
+        "--config.precompile=False",
+        f"--config.compile_cache_dir={tmp_path / 'cache'}",
+    ]
+    process = run_cli(
+        "train",
+        "--config=experiments/configs/cifar10_quick.py",
+        f"--workdir={tmp_path}",
+        *overrides,
+    )
+    log = tmp_path / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count('"loss"') >= 2):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved step" in output
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2
+    assert f"saved step {saved[0]} and stopped" in output
+
+
+def test_cli_reports_usage_and_missing_results(tmp_path):
+    process = run_cli("evaluate", f"--workdir={tmp_path}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "needs --config" in output
+    process = run_cli("fly", f"--workdir={tmp_path}")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "give one command out of train" in output
+    process = run_cli("select", f"--workdir={tmp_path}", "--budget-gflops=1")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"error: no evaluation results at {tmp_path}/results.json" in output
+
+
+def test_bfloat16_compute_trains_with_float32_state():
+    import functools
+
+    import jax.numpy as jnp
+
+    from sdpoint_jax.core.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.training.run import create_optimizer, initial_state
+    from sdpoint_jax.training.steps import train_step
+
+    model = create("wrn-10-1", dtype=jnp.bfloat16)
+    tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
+    state = initial_state(model, tx, image_size=16, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    losses = []
+    for instance in [Instance.full(), Instance(2, 0.5)] * 6:
+        state, metrics = step(state, batch, instance=instance)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2])  # fits the fixed batch
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+
+
+def test_train_programs_compute_the_train_step_with_one_shared_update_program():
+    import functools
+
+    from sdpoint_jax.core.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.training import parallel
+    from sdpoint_jax.training.run import create_optimizer, initial_state
+    from sdpoint_jax.training.steps import train_programs, train_step
+
+    model = create("wrn-10-1")
+    tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
+    mesh = parallel.create_mesh()
+    initial = initial_state(model, tx, image_size=16, seed=0)
+    programs = train_programs(model, tx, parallel.replicate(initial, mesh), mesh, 8, 16)
+    fused = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    rng = np.random.default_rng(0)
+    expected = jax.tree.map(np.array, initial)  # a copy: the programs consume their state
+    state = parallel.replicate(initial, mesh)
+    for instance in [Instance.full(), Instance(2, 0.5)]:
+        batch = {
+            "image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        }
+        consumed = state
+        state, metrics = programs[instance](state, parallel.shard_batch(batch, mesh))
+        expected, expected_metrics = fused(expected, batch, instance=instance)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(consumed))  # donated
+        np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2
+    assert len(programs) == 2 and len(programs.update) == 1
