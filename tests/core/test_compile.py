@@ -6,10 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from tests.conftest import record_calls
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.layers import AdaptivePool
+from tests.conftest import record_calls
 
 
 def test_each_instance_compiles_once_and_pools_to_its_size(tiny_wrn):

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import init_variables
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.norm import (
@@ -17,6 +16,7 @@ from sdpoint_jax.core.norm import (
     trained_statistics,
 )
 from sdpoint_jax.models import create
+from tests.conftest import init_variables
 
 RATIOS = (0.5, 0.75)
 

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import record_calls
 from flax import traverse_util
 
 from sdpoint_jax.core.instance import FULL_KEY, Instance
@@ -17,6 +16,7 @@ from sdpoint_jax.evaluation.calibrate import calibrate
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.cost import abstract_variables
 from sdpoint_jax.training.parallel import create_mesh
+from tests.conftest import record_calls
 
 HW = (16, 16)
 BATCH = 8

@@ -8,7 +8,6 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from tests.conftest import init_variables, record_calls
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.layers import AdaptivePool
@@ -16,6 +15,7 @@ from sdpoint_jax.core.pooling import _max_gather_indices, bin_element_count
 from sdpoint_jax.flops import main
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops, count_params, instance_costs
+from tests.conftest import init_variables, record_calls
 
 # Paper Tables 1 and 3: (params in M, full-instance GFLOPs, N).
 PAPER = {

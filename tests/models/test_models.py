@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import init_variables, record_calls
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.layers import AdaptivePool, Add, conv
@@ -14,6 +13,7 @@ from sdpoint_jax.core.pooling import adaptive_avg_pool, adaptive_max_pool
 from sdpoint_jax.models import create
 from sdpoint_jax.models.preresnet import PreActBlock
 from sdpoint_jax.models.resnet import PostActBlock
+from tests.conftest import init_variables, record_calls
 
 SMALL_MODELS = [
     ("wrn-10-1", (16, 16)),

@@ -118,7 +118,9 @@ def test_executables_live_beside_the_compilation_cache(tmp_path):
 PROGRAM_RUN = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from sdpoint_jax.training.programs import InstancePrograms, enable_compilation_cache, executable_cache
+from sdpoint_jax.training.programs import (
+    InstancePrograms, enable_compilation_cache, executable_cache,
+)
 
 enable_compilation_cache(sys.argv[1])
 def build(key):
