@@ -4,6 +4,7 @@ tiny config on the real CIFAR-10 beside the project."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
+from sdpoint_jax.models.cost import abstract_variables
 
 # Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and
 # checkpoint use it: tfds mock data races with orbax's background writes.
@@ -77,3 +80,67 @@ def record_calls(
 def tiny_wrn():
     model = create("wrn-10-1", num_classes=10)
     return model, init_variables(model, (16, 16))
+
+
+# The training split is read into memory at the start of every run: keep it small.
+TRAIN_SPLIT = "train[:1024]"
+
+
+def tiny_config(max_steps: int):
+    return tiny_cifar10_config(
+        batch_size=16,
+        max_steps=max_steps,
+        train_split=TRAIN_SPLIT,
+        log_every_steps=1,
+        eval_every_epochs=1000.0,  # no evaluation inside these short runs
+        eval_split="test[:48]",
+        eval_batch_size=16,
+        calibration_batches=2,
+    )
+
+
+def losses(workdir: Path) -> list[tuple[int, float, str]]:
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["instance"]) for r in rows if "loss" in r]
+
+
+HW = (16, 16)
+
+
+BATCH = 8
+
+
+NUM_BATCHES = 3
+
+
+def random_variables(model: SDPointModel, seed: int) -> dict:
+    """Variables of ``model`` at ``HW`` drawn from ``seed`` without running ``init``:
+    He-scaled kernels, BN scale ~ 1, biases ~ 0, and batch-norm statistics that differ
+    from key to key (means N(0, 1), variances U(0.5, 2))."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name, shape = path[-1].key, leaf.shape
+        if name == "mean":
+            value = rng.normal(size=shape)
+        elif name == "var":
+            value = rng.uniform(0.5, 2.0, shape)
+        elif len(shape) > 1:
+            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        else:
+            value = (name == "scale") + 0.1 * rng.normal(size=shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, HW))
+
+
+def make_batches(seed: int, count: int = NUM_BATCHES, size: int = BATCH) -> list[dict]:
+    """``count`` batches of ``size`` random 16x16 images (shifted, scaled) and labels."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": (1.5 * rng.normal(size=(size, *HW, 3)) + 0.3).astype(np.float32),
+            "label": rng.integers(0, 10, size).astype(np.int32),
+        }
+        for _ in range(count)
+    ]

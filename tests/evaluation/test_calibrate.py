@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,48 +12,11 @@ from flax import traverse_util
 from sdpoint_jax.core.instance import FULL_KEY, Instance
 from sdpoint_jax.core.norm import UNIFORM_KEY, KeyedBatchNorm
 from sdpoint_jax.evaluation.calibrate import calibrate
-from sdpoint_jax.models import SDPointModel, create
-from sdpoint_jax.models.cost import abstract_variables
+from sdpoint_jax.models import create
 from sdpoint_jax.training.parallel import create_mesh
-from tests.conftest import record_calls
+from tests.conftest import make_batches, random_variables, record_calls
 
-HW = (16, 16)
-BATCH = 8
-NUM_BATCHES = 3
 POOLED = Instance(1, 0.5)
-
-
-def random_variables(model: SDPointModel, seed: int) -> dict:
-    """Variables of ``model`` at ``HW`` drawn from ``seed`` without running ``init``:
-    He-scaled kernels, BN scale ~ 1, biases ~ 0, and batch-norm statistics that differ
-    from key to key (means N(0, 1), variances U(0.5, 2))."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name, shape = path[-1].key, leaf.shape
-        if name == "mean":
-            value = rng.normal(size=shape)
-        elif name == "var":
-            value = rng.uniform(0.5, 2.0, shape)
-        elif len(shape) > 1:
-            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        else:
-            value = (name == "scale") + 0.1 * rng.normal(size=shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, HW))
-
-
-def make_batches(seed: int, count: int = NUM_BATCHES, size: int = BATCH) -> list[dict]:
-    """``count`` batches of ``size`` random 16x16 images (shifted, scaled) and labels."""
-    rng = np.random.default_rng(seed)
-    return [
-        {
-            "image": (1.5 * rng.normal(size=(size, *HW, 3)) + 0.3).astype(np.float32),
-            "label": rng.integers(0, 10, size).astype(np.int32),
-        }
-        for _ in range(count)
-    ]
 
 
 def flat_stats(variables: dict) -> dict[tuple[str, ...], np.ndarray]:

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from test_calibrate import random_variables
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.budget import budgeted_stops
@@ -29,7 +28,7 @@ from sdpoint_jax.evaluation.workflow import cascade_holdout, evaluate_run
 from sdpoint_jax.models import create
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.programs import enable_compilation_cache
-from tests.conftest import needs_cifar10, tiny_cifar10_config
+from tests.conftest import needs_cifar10, random_variables, tiny_cifar10_config
 
 STAGES = [Instance(1, 0.5), Instance(2, 0.5), Instance.full()]
 STAGE_GFLOPS = [0.5, 1.0, 2.0]

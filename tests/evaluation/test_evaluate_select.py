@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import pytest
-from test_calibrate import HW, make_batches, random_variables
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.evaluate import (
@@ -21,6 +20,7 @@ from sdpoint_jax.evaluation.selection import pareto_front, select_instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.parallel import create_mesh
+from tests.conftest import HW, make_batches, random_variables
 
 PADDED = 3  # padding examples at the end of the last batch
 LABEL_RANKS = (0, 2, 7)  # labels cycle through: top-1 hit, top-5 hit only, miss

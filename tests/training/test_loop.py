@@ -21,7 +21,13 @@ from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run, select_
 from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.programs import enable_compilation_cache
-from tests.conftest import SHARED_DATA_DIR, needs_cifar10, tiny_cifar10_config
+from tests.conftest import (
+    SHARED_DATA_DIR,
+    TRAIN_SPLIT,
+    losses,
+    needs_cifar10,
+    tiny_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = needs_cifar10
@@ -30,28 +36,6 @@ pytestmark = needs_cifar10
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
-
-
-# The training split is read into memory at the start of every run: keep it small.
-TRAIN_SPLIT = "train[:1024]"
-
-
-def tiny_config(max_steps: int):
-    return tiny_cifar10_config(
-        batch_size=16,
-        max_steps=max_steps,
-        train_split=TRAIN_SPLIT,
-        log_every_steps=1,
-        eval_every_epochs=1000.0,  # no evaluation inside these short runs
-        eval_split="test[:48]",
-        eval_batch_size=16,
-        calibration_batches=2,
-    )
-
-
-def losses(workdir: Path) -> list[tuple[int, float, str]]:
-    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["instance"]) for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")
