@@ -40,6 +40,7 @@ from sdpoint_jax.models import create
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run import create_optimizer, initial_state
 from sdpoint_jax.training.steps import train_programs
+from sdpoint_jax.training.trainee import SDPointTrainee
 from sdpoint_jax.xla_cpu import host_memory
 from sdpoint_jax.xla_cpu.conv_lowering import (
     CONV_LOWERINGS,
@@ -56,8 +57,9 @@ def jax_figures(
     model = create(model_name, conv_lowering=resolve_conv_lowering(conv_lowering))
     tx = create_optimizer(cifar_config(model_name, "cifar10"), steps_per_epoch=1000)
     mesh = parallel.create_mesh(jax.devices()[:1])
-    state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
-    step = train_programs(model, tx, state, mesh, batch, 32)[Instance.full()]
+    trainee = SDPointTrainee(model)
+    state = parallel.replicate(initial_state(trainee, tx, 32, seed=0), mesh)
+    step = train_programs(trainee, tx, state, mesh, batch, 32)[Instance.full()]
     rng = np.random.default_rng(0)
     data = parallel.shard_batch(
         {

@@ -1,6 +1,6 @@
 """The train-step programs that the ``train`` and ``compile`` benchmarks measure.
 
-They are built exactly as training builds them (:func:`sdpoint_jax.training.loop.train_programs`:
+They are built exactly as training builds them (:func:`sdpoint_jax.training.steps.train_programs`:
 state replicated and donated, batch sharded over every device), with the paper's
 optimizer for the target's data set.
 """
@@ -21,6 +21,7 @@ from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run import TrainState, create_optimizer, initial_state
 from sdpoint_jax.training.steps import TrainPrograms, train_programs
+from sdpoint_jax.training.trainee import SDPointTrainee
 
 STEPS_PER_EPOCH = 1000
 """Lays out the learning-rate schedule; it does not change the cost of a step."""
@@ -65,12 +66,13 @@ class TrainSteps:
         mesh = parallel.create_mesh()
         parallel.check_batch_size(batch_size, mesh)
         tx = create_optimizer(run_config(target), STEPS_PER_EPOCH)
-        init = functools.partial(initial_state, model, tx, target.image_size, 0)
+        trainee = SDPointTrainee(model)
+        init = functools.partial(initial_state, trainee, tx, target.image_size, 0)
         state = jax.eval_shape(init)
         if not abstract:
             state = parallel.replicate(zeros_like(state), mesh)
         fingerprint = repr((model, target, STEPS_PER_EPOCH)) if keep_executables else None
         programs = train_programs(
-            model, tx, state, mesh, batch_size, target.image_size, fingerprint
+            trainee, tx, state, mesh, batch_size, target.image_size, fingerprint
         )
         return cls(mesh, state, programs)

@@ -141,6 +141,10 @@ class EarlyExitMethod(Method):
     def train_setting(self, seed: int, step: int) -> None:
         return None
 
+    def program_keys(self) -> list[None]:
+        """One program: every step trains all exits jointly."""
+        return [None]
+
     def loss(
         self,
         params: Any,

@@ -1,8 +1,9 @@
 """What the comparison harness needs from a way of getting cost-adjustable inference.
 
 A :class:`Method` (SDPoint, early exits, multiscale training, a regularised baseline,
-...) is trained and evaluated by one generic loop (:mod:`sdpoint_jax.compare.trainer`)
-on identical data, schedule and seed. Its cost settings ("settings": an SDPoint
+...) is trained by the project's one training loop (:func:`sdpoint_jax.training.loop.fit`)
+and evaluated by :mod:`sdpoint_jax.compare.trainer`, on identical data, schedule and
+seed. Its cost settings ("settings": an SDPoint
 instance, an exit index, an input size) are hashable and static: each setting is its
 own XLA program, like an SDPoint instance.
 
@@ -14,56 +15,22 @@ the optimizer, the other collections (batch-norm statistics) are returned by
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-Setting = Hashable
-Variables = dict[str, Any]
+from sdpoint_jax.training.trainee import Setting, Trainee, Variables
 
 
-class Method(abc.ABC):
-    """One method of the comparison.
+class Method(Trainee):
+    """One method of the comparison: a :class:`~sdpoint_jax.training.trainee.Trainee`
+    (trained by the project's training loop) that can also be evaluated at each of its
+    cost settings.
 
     Attributes:
       name: short name used in ``compare.csv`` and the plot legend (e.g. ``"sdpoint"``).
     """
-
-    name: str
-
-    @abc.abstractmethod
-    def init_variables(self, key: jax.Array, image_size: int) -> Variables:
-        """Fresh variables for square images of side ``image_size``."""
-
-    @abc.abstractmethod
-    def train_setting(self, seed: int, step: int) -> Setting:
-        """The static setting of training step ``step``: a pure function of
-        ``(seed, step)``, so a resumed run draws what an uninterrupted one draws."""
-
-    @abc.abstractmethod
-    def loss(
-        self,
-        params: Any,
-        variables: Variables,
-        batch: dict[str, jax.Array],
-        setting: Setting,
-        key: jax.Array,
-    ) -> tuple[jax.Array, tuple[Variables, jax.Array]]:
-        """Training loss of ``batch`` (``image (B, S, S, 3)``, ``label (B,)``) at
-        ``setting``; traced under ``jit`` with ``setting`` static.
-
-        Args:
-          params: the parameters being differentiated.
-          variables: all current variables (its ``"params"`` entry is stale: use
-            ``params``).
-          key: randomness of this step (dropout, stochastic depth, ...).
-
-        Returns:
-          ``(loss, (updated non-param collections, logits (B, classes)))``; the logits
-          (of the method's main output) give the logged training accuracy.
-        """
 
     @abc.abstractmethod
     def eval_settings(self) -> Sequence[Setting]:

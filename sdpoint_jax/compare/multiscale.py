@@ -123,6 +123,10 @@ class MultiscaleMethod(Method):
         rng = np.random.default_rng([seed, step])
         return int(rng.integers(self.min_size, self.max_size + 1))
 
+    def program_keys(self) -> list[int]:
+        """Every training input size."""
+        return list(self.sizes)
+
     def loss(
         self,
         params: Any,

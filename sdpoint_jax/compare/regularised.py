@@ -90,6 +90,10 @@ class RegularisedMethod(Method):
         :meth:`loss`, not a static setting."""
         return DETERMINISTIC
 
+    def program_keys(self) -> list[str]:
+        """One program: each step draws its dropout or dropped blocks from its key."""
+        return [DETERMINISTIC]
+
     def loss(
         self,
         params: Any,

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.core.instance import DEFAULT_RATIOS, Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
-from sdpoint_jax.training.schedules import draw_instance
+from sdpoint_jax.training.trainee import SDPointTrainee
 
 # A setting: the instance and the batch-norm statistics it is evaluated with.
 SDPointSetting = tuple[Instance, str]
@@ -32,9 +30,9 @@ SDPointSetting = tuple[Instance, str]
 class SDPointMethod(Method):
     """SDPoint training of registry model ``model_name`` (``sdpoint=False``: baseline).
 
-    Training settings are instances drawn as :func:`sdpoint_jax.training.loop.draw_instance`
-    draws them (bn mode ``"instance"``); eval settings are every instance with each of
-    ``bn_modes``.
+    It trains exactly as ``python -m sdpoint_jax.main train`` does
+    (:class:`~sdpoint_jax.training.trainee.SDPointTrainee`): training settings are the
+    drawn instances; eval settings are every instance with each of ``bn_modes``.
     """
 
     def __init__(
@@ -55,31 +53,32 @@ class SDPointMethod(Method):
         self.bn_modes = tuple(bn_modes) if sdpoint else ("instance",)
         self.name = name or ("sdpoint" if sdpoint else "baseline")
         self._by_mode = {mode: self.model.clone(bn_mode=mode) for mode in self.bn_modes}
+        self._training = SDPointTrainee(self.model, sdpoint, name=self.name)
 
     def init_variables(self, key: jax.Array, image_size: int) -> Variables:
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        return dict(self.model.init(key, images, instance=Instance.full(), train=False))
+        return self._training.init_variables(key, image_size)
 
-    def train_setting(self, seed: int, step: int) -> SDPointSetting:
-        return draw_instance(self.model.space, seed, step, self.sdpoint), "instance"
+    def train_setting(self, seed: int, step: int) -> Instance:
+        return self._training.train_setting(seed, step)
 
     def loss(
         self,
         params: Any,
         variables: Variables,
         batch: dict[str, jax.Array],
-        setting: SDPointSetting,
+        setting: Instance,
         key: jax.Array,
     ) -> tuple[jax.Array, tuple[Variables, jax.Array]]:
-        logits, updates = self.model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            batch["image"],
-            instance=setting[0],
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (dict(updates), logits)
+        return self._training.loss(params, variables, batch, setting, key)
+
+    def trained_statistics(self, batch_stats: Mapping[str, Any], setting: Instance) -> dict:
+        return self._training.trained_statistics(batch_stats, setting)
+
+    def program_keys(self) -> list[Instance]:
+        return self._training.program_keys()
+
+    def draw_names(self) -> list[str]:
+        return self._training.draw_names()
 
     def eval_settings(self) -> list[SDPointSetting]:
         instances = list(self.model.space) if self.sdpoint else [Instance.full()]

@@ -1,8 +1,9 @@
-"""One training and evaluation loop for every method of the comparison.
+"""Training and evaluation of every method of the comparison.
 
-Every method sees the same data stream (``pipeline.train_batches`` with the config's seed),
-the same optimizer and learning-rate schedule (:func:`sdpoint_jax.training.loop.create_optimizer`)
-and the same number of steps; only :class:`~sdpoint_jax.compare.method.Method` differs.
+Every method is trained by the project's one training loop
+(:func:`sdpoint_jax.training.loop.fit`): the same data stream, optimizer, learning-rate
+schedule, number of steps and seed; only :class:`~sdpoint_jax.compare.method.Method`
+differs.
 Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
 every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
 method finished, skips straight to evaluation: nothing trained is lost. ``SIGTERM``
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -27,8 +27,8 @@ from sdpoint_jax.compare.method import Method, Setting, Variables
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.training import parallel
-from sdpoint_jax.training.checkpoint import CheckpointManager, PreemptionFlag
-from sdpoint_jax.training.run import create_optimizer
+from sdpoint_jax.training.loop import fit
+from sdpoint_jax.training.run import Run
 
 Row = dict[str, Any]
 
@@ -37,105 +37,25 @@ class Preempted(Exception):
     """``SIGTERM`` arrived during training; the method's checkpoint has been saved."""
 
 
-def _train_step(
-    state: dict[str, Any],
-    batch: dict[str, jax.Array],
-    *,
-    method: Method,
-    tx: optax.GradientTransformation,
-    setting: Setting,
-    seed: int,
-) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One SGD step; ``state`` is ``{"step", "variables", "opt_state"}``."""
-    variables = state["variables"]
-    key = jax.random.fold_in(jax.random.key(seed), state["step"])
-    (loss, (collections, logits)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-        variables["params"], variables, batch, setting, key
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], variables["params"])
-    new_variables = {
-        **variables,
-        **collections,
-        "params": optax.apply_updates(variables["params"], updates),
-    }
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    new_state = {"step": state["step"] + 1, "variables": new_variables, "opt_state": opt_state}
-    return new_state, {"loss": loss, "accuracy": accuracy}
-
-
 def train_method(
     method: Method,
     config: ml_collections.ConfigDict,
     directory: Path,
     mesh: Mesh,
 ) -> Variables:
-    """Trains ``method`` for ``config.num_epochs`` (or ``config.max_steps``) and returns
-    its variables, resuming from ``directory/checkpoints`` when a checkpoint exists.
+    """Trains ``method`` with the project's training loop
+    (:func:`sdpoint_jax.training.loop.fit`) for ``config.num_epochs`` (or
+    ``config.max_steps``) and returns its variables, resuming from
+    ``directory/checkpoints`` when a checkpoint exists.
 
     Raises:
       Preempted: on ``SIGTERM``, after saving the current step.
     """
-    spec = pipeline.dataset_spec(config.dataset)
-    steps_per_epoch = pipeline.steps_per_epoch(
-        config.dataset, config.batch_size, config.data_dir, config.train_split
-    )
-    total = int(config.num_epochs * steps_per_epoch)
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    tx = create_optimizer(config, steps_per_epoch)
-    variables = method.init_variables(jax.random.key(config.seed), spec.image_size)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "variables": variables,
-        "opt_state": tx.init(variables["params"]),
-    }
-    state = parallel.replicate(state, mesh)
-    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    with (
-        CheckpointManager(directory / "checkpoints", keep_last=1) as manager,
-        PreemptionFlag() as preempted,
-    ):
-        if manager.latest_step() is not None:
-            state, _, _ = manager.restore(state)
-        start = int(state["step"])
-        if start >= total:
-            return state["variables"]
-        programs: dict[Setting, Any] = {}
-        batches = pipeline.train_batches(
-            config.dataset,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=start,
-            data_dir=config.data_dir,
-            train_split=config.train_split,
-        )
-        bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step")
-        for step, batch in zip(
-            range(start, total), parallel.shard_batches(batches, mesh), strict=False
-        ):
-            setting = method.train_setting(config.seed, step)
-            if setting not in programs:
-                programs[setting] = jax.jit(
-                    functools.partial(
-                        _train_step, method=method, tx=tx, setting=setting, seed=config.seed
-                    ),
-                    in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated),
-                    donate_argnums=0,
-                )
-            state, metrics = programs[setting](state, batch)
-            if (step + 1) % config.log_every_steps == 0:
-                bar.set_postfix(
-                    loss=f"{float(metrics['loss']):.3f}", acc=f"{float(metrics['accuracy']):.3f}"
-                )
-            bar.update()
-            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total or preempted():
-                manager.save(step + 1, state, config=config.to_dict())
-            if preempted():
-                bar.close()
-                raise Preempted(f"SIGTERM: saved {method.name} at step {step + 1} in {directory}")
-        bar.close()
-    return state["variables"]
+    run = Run.for_trainee(method, config, directory, mesh)
+    state, stopped = fit(run, resume=True, evaluate=False, keep_last=1)
+    if stopped:
+        raise Preempted(f"SIGTERM: saved {method.name} at step {int(state.step)} in {directory}")
+    return state.variables
 
 
 def _outputs(

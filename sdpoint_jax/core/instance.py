@@ -154,8 +154,10 @@ class InstanceSpace:
         """Draws one instance as in Algorithm 1 of the paper.
 
         ``p`` is uniform over ``{0, .., N}`` and ``r`` uniform over ``R``, drawn
-        independently; ``p = 0`` yields the full network. (The authors' code never
-        draws point 0 because of a Python ``x and y or z`` slip; we follow the paper.)
+        independently; ``p = 0`` yields the full network. We follow the paper: the
+        authors' sampler draws the full network with probability ``2 / (N + 2)`` (its
+        draws -1 and 0 both mean the full network) and never draws its ``blockID`` 0,
+        the point after the first block.
 
         Args:
           rng: a ``numpy.random.Generator`` or a JAX PRNG key. Either way the draw

@@ -1,4 +1,6 @@
-"""Training with SDPoint (Algorithm 1 of the paper), data-parallel and resumable.
+"""The training loop (:func:`fit`), data-parallel and resumable, and SDPoint training
+(Algorithm 1 of the paper) with it (:func:`train`). The comparison's methods are
+trained by the same loop (:mod:`sdpoint_jax.compare.trainer`).
 
 Every step draws one instance ``(p, r)`` on the host from a generator seeded by
 ``(seed, step)`` (so a resumed run draws the same sequence) and runs the train step
@@ -42,30 +44,52 @@ from sdpoint_jax.evaluation.evaluate import evaluate_instances
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, PreemptionFlag
 from sdpoint_jax.training.run import Run, TrainState
-from sdpoint_jax.training.schedules import draw_step, learning_rate_schedule
-from sdpoint_jax.training.steps import ProgramKey, program_fingerprint, train_programs
+from sdpoint_jax.training.schedules import ProgramKey, learning_rate_schedule
+from sdpoint_jax.training.steps import program_fingerprint, train_programs
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
-    """Trains ``config`` in ``workdir`` (checkpoints in ``workdir/checkpoints``).
+    """Trains ``config`` with SDPoint in ``workdir`` (checkpoints in
+    ``workdir/checkpoints``), evaluating the full network every
+    ``config.eval_every_epochs`` and keeping the best checkpoint too.
 
     With ``resume`` the latest checkpoint is restored and training continues exactly
     as an uninterrupted run would; without it, an existing checkpoint is an error
     (nothing trained is ever overwritten). SIGTERM saves a checkpoint and returns.
     """
-    run = Run.create(config, workdir)
+    state, _ = fit(Run.create(config, workdir), resume=resume, evaluate=True)
+    return state
+
+
+def fit(
+    run: Run, *, resume: bool, evaluate: bool, keep_last: int | None = None
+) -> tuple[TrainState, bool]:
+    """Trains ``run.trainee`` for ``config.num_epochs`` (or up to ``config.max_steps``):
+    the one training loop of the project, for SDPoint and for every method of the
+    comparison. Returns the final state and whether SIGTERM stopped it (after saving).
+
+    Every step runs the program of ``trainee.train_setting(seed, step)`` on the batch
+    of that step; checkpoints (and the draws per setting) are saved atomically every
+    ``config.checkpoint_every_steps`` steps, at the end and on SIGTERM. With
+    ``evaluate``, the full network's top-1 accuracy is measured every
+    ``config.eval_every_epochs`` (the best checkpoint is kept too). ``resume``: see
+    :func:`train`. ``keep_last``: checkpoints kept (default
+    ``config.keep_checkpoints``).
+    """
+    config = run.config
     run.workdir.mkdir(parents=True, exist_ok=True)
     state, draws = _start_state(run, resume)
     start = int(state.step)
     end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
     programs = train_programs(
-        run.model,
+        run.trainee,
         run.tx,
         state,
         run.mesh,
         config.batch_size,
         run.image_size,
-        program_fingerprint(config, run.model, run.steps_per_epoch),
+        program_fingerprint(config, run.trainee, run.steps_per_epoch),
+        seed=config.seed,
     )
     logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     if config.precompile:
@@ -82,21 +106,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         train_split=config.train_split,
     )
     draws = Counter(draws)
+    stopped = False
     with (
         run.checkpoints(
-            keep_last=config.keep_checkpoints, keep_best=1, best_metric="top1_accuracy"
+            keep_last=config.keep_checkpoints if keep_last is None else keep_last,
+            keep_best=1 if evaluate else 0,
+            best_metric="top1_accuracy" if evaluate else None,
         ) as manager,
         PreemptionFlag() as preempted,
     ):
         save = functools.partial(_save, manager, config)
-        bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not logger.main)
+        bar = tqdm(
+            total=end,
+            initial=start,
+            desc=f"train {run.trainee.name}",
+            unit="step",
+            disable=not logger.main,
+        )
         schedule = learning_rate_schedule(config, run.steps_per_epoch)
         last_log = (start, time.perf_counter())
         clock = _TrainClock()
         for step, batch in zip(
             range(start, end), parallel.shard_batches(batches, run.mesh), strict=False
         ):
-            key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
+            key = run.trainee.train_setting(config.seed, step)
             draws[str(key)] += 1
             state, metrics = programs[key](state, batch)
             if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
@@ -122,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 )
             bar.update()
             # at most one save per step: a step is never written twice
-            if (step + 1) % eval_every == 0 or step + 1 == run.total_steps:
+            if evaluate and ((step + 1) % eval_every == 0 or step + 1 == run.total_steps):
                 with clock.paused(state):
                     top1 = _full_accuracy(run, state)
                     logger.write(
@@ -137,11 +170,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     save(step + 1, state, draws, None)
             if preempted():
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
+                stopped = True
                 break
         bar.close()
     logger.write_draws(int(state.step), dict(sorted(draws.items())))
     logger.close()
-    return state
+    return state, stopped
 
 
 def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
@@ -149,7 +183,7 @@ def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
         latest = manager.latest_step()
     if latest is None:
         if resume:
-            print(f"--resume: no checkpoint in {run.workdir / 'checkpoints'}; starting fresh")
+            print(f"no checkpoint in {run.workdir / 'checkpoints'} yet: starting fresh")
         return run.initial_state(), run.initial_draws()
     if not resume:
         raise CheckpointError(

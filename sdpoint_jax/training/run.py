@@ -22,17 +22,16 @@ import optax
 from jax.sharding import Mesh
 
 from sdpoint_jax.config import base_config
-from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, CheckpointManager
 from sdpoint_jax.training.schedules import (
     LowModeSchedule,
-    ProgramKey,
     learning_rate_schedule,
     low_mode_schedule,
 )
+from sdpoint_jax.training.trainee import SDPointTrainee, Setting, Trainee
 from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering
 
 # Config entries that must not change when a run is resumed.
@@ -99,10 +98,11 @@ def create_optimizer(
 
 
 def initial_state(
-    model: SDPointModel, tx: optax.GradientTransformation, image_size: int, seed: int
+    trainee: Trainee, tx: optax.GradientTransformation, image_size: int, seed: int
 ) -> TrainState:
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = model.init(jax.random.key(seed), images, instance=Instance.full(), train=False)
+    """Step 0 of a run seeded by ``seed``: the trainee's fresh variables for square
+    images of side ``image_size`` and the optimizer's initial state."""
+    variables = trainee.init_variables(jax.random.key(seed), image_size)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -113,15 +113,19 @@ def initial_state(
 
 @dataclasses.dataclass
 class Run:
-    """What every subcommand needs: config, model, mesh, optimizer, checkpoints."""
+    """What every subcommand needs: config, what is trained, mesh, optimizer,
+    checkpoints.
+
+    :meth:`create` builds the SDPoint run of a config (:class:`SDPointTrainee`);
+    :meth:`for_trainee` a run of any :class:`Trainee` (the comparison's methods).
+    """
 
     config: ml_collections.ConfigDict
     workdir: Path
-    model: SDPointModel
+    trainee: Trainee
     mesh: Mesh
     tx: optax.GradientTransformation
     steps_per_epoch: int
-    low_mode: LowModeSchedule | None = None
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -130,14 +134,33 @@ class Run:
         steps = pipeline.steps_per_epoch(
             config.dataset, config.batch_size, config.data_dir, config.train_split
         )
-        model = create_model(config)
         low_mode = low_mode_schedule(config, steps)
         if low_mode is not None:
-            model.check_low_mode(low_mode.mode)
             image_size = pipeline.dataset_spec(config.dataset).image_size
             low_mode.mode.input_hw((image_size, image_size))
-        tx = create_optimizer(config, steps)
-        return cls(config, Path(workdir), model, mesh, tx, steps, low_mode)
+        trainee = SDPointTrainee(create_model(config), config.sdpoint, low_mode)
+        return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
+
+    @classmethod
+    def for_trainee(
+        cls, trainee: Trainee, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh
+    ) -> Run:
+        """A run of ``trainee`` with ``config``'s data, schedule and seed."""
+        parallel.check_batch_size(config.batch_size, mesh)
+        steps = pipeline.steps_per_epoch(
+            config.dataset, config.batch_size, config.data_dir, config.train_split
+        )
+        return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
+
+    @property
+    def model(self) -> SDPointModel:
+        """The trained network (every trainee has one)."""
+        return self.trainee.model
+
+    @property
+    def low_mode(self) -> LowModeSchedule | None:
+        """The low-mode schedule of an SDPoint run, else None."""
+        return getattr(self.trainee, "low_mode", None)
 
     @property
     def total_steps(self) -> int:
@@ -148,28 +171,20 @@ class Run:
         return pipeline.dataset_spec(self.config.dataset).image_size
 
     @property
-    def program_keys(self) -> list[ProgramKey]:
-        """Every program a training step can draw (full instance first)."""
-        keys: list[ProgramKey] = list(
-            self.model.space if self.config.sdpoint else [Instance.full()]
-        )
-        if self.low_mode is not None:
-            keys.append(self.low_mode.mode)
-        return keys
+    def program_keys(self) -> list[Setting]:
+        """Every program a training step can draw (SDPoint: full instance first)."""
+        return list(self.trainee.program_keys())
 
     def initial_draws(self) -> dict[str, int]:
-        """Zero counts of the draws that checkpoints keep: every instance of the space,
-        and the low mode if on."""
-        draws = {str(i): 0 for i in self.model.space}
-        if self.low_mode is not None:
-            draws[str(self.low_mode.mode)] = 0
-        return draws
+        """Zero counts of the draws that checkpoints keep (SDPoint: every instance of
+        the space, and the low mode if on)."""
+        return dict.fromkeys(self.trainee.draw_names(), 0)
 
     def checkpoints(self, subdir: str = "checkpoints", **kwargs: Any) -> CheckpointManager:
         return CheckpointManager(self.workdir / subdir, **kwargs)
 
     def initial_state(self) -> TrainState:
-        state = initial_state(self.model, self.tx, self.image_size, self.config.seed)
+        state = initial_state(self.trainee, self.tx, self.image_size, self.config.seed)
         return parallel.replicate(state, self.mesh)
 
     def restore(self, subdir: str = "checkpoints") -> tuple[TrainState, dict]:

@@ -1,6 +1,7 @@
-"""The train step of one program key (an SDPoint instance, or the full instance in a
-low mode) and its compiled programs: a gradient program per key and one shared
-parameter update (:class:`TrainPrograms`).
+"""The train step of one setting of a :class:`~sdpoint_jax.training.trainee.Trainee`
+(for SDPoint an instance, or the full instance in a low mode) and its compiled
+programs: a gradient program per setting and one shared parameter update
+(:class:`TrainPrograms`).
 """
 
 from __future__ import annotations
@@ -18,49 +19,39 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sdpoint_jax.core.instance import Instance
-from sdpoint_jax.core.lowmode import LowMode
-from sdpoint_jax.core.norm import merge_statistics, trained_statistics
-from sdpoint_jax.models import SDPointModel
+from sdpoint_jax.core.norm import merge_statistics
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.programs import InstancePrograms, executable_cache
 from sdpoint_jax.training.run import TrainState
-from sdpoint_jax.training.schedules import ProgramKey
+from sdpoint_jax.training.trainee import Setting, Trainee, step_key
 
 
 def gradient_step(
     params: Any,
     batch_stats: Any,
     batch: dict[str, jax.Array],
+    step: jax.Array,
     *,
-    model: SDPointModel,
-    instance: Instance,
-    low_mode: LowMode | None = None,
+    trainee: Trainee,
+    setting: Setting,
+    seed: int = 0,
 ) -> tuple[Any, Any, dict[str, jax.Array]]:
-    """Forward and backward pass of ``instance`` on ``batch`` (images ``(B, H, W, 3)``,
-    int labels), in low mode if ``low_mode`` is given (the model downsamples the
-    images): the loss's gradients (shaped like ``params``), ``batch_stats`` updated and
-    ``{"loss", "accuracy"}`` of the batch. ``batch_stats`` holds every running
-    batch-norm statistic, or only those the step updates
-    (:func:`sdpoint_jax.core.norm.trained_statistics`)."""
-    model.check_low_mode(low_mode)
-    mode = {} if low_mode is None else {"low_mode": low_mode}
+    """Forward and backward pass of ``setting`` on ``batch`` (images ``(B, H, W, 3)``,
+    int labels) at training step ``step`` (its random key is
+    :func:`~sdpoint_jax.training.trainee.step_key` of ``seed`` and ``step``; a trainee
+    that draws no randomness leaves the argument out of the compiled program): the
+    loss's gradients (shaped like ``params``), ``batch_stats`` updated and ``{"loss",
+    "accuracy"}`` of the batch. ``batch_stats`` holds every running batch-norm
+    statistic, or only those the step updates (:meth:`Trainee.trained_statistics`)."""
 
     def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            batch["image"],
-            instance=instance,
-            train=True,
-            mutable=["batch_stats"],
-            **mode,
+        return trainee.loss(
+            params, {"batch_stats": batch_stats}, batch, setting, step_key(seed, step)
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (logits, updates.get("batch_stats", {}))  # none in low mode
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (collections, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return grads, batch_stats, {"loss": loss, "accuracy": accuracy}
+    return grads, collections.get("batch_stats", {}), {"loss": loss, "accuracy": accuracy}
 
 
 def update_step(state: TrainState, grads: Any, *, tx: optax.GradientTransformation) -> TrainState:
@@ -78,16 +69,22 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
-    model: SDPointModel,
+    trainee: Trainee,
     tx: optax.GradientTransformation,
-    instance: Instance,
-    low_mode: LowMode | None = None,
+    setting: Setting,
+    seed: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step of ``instance`` on ``batch`` (:func:`gradient_step`, then
-    :func:`update_step`) as one function; :func:`train_programs` compiles the two
-    parts as separate programs."""
+    """One SGD step of ``setting`` on ``batch`` (:func:`gradient_step`, then
+    :func:`update_step`) as one function, with every running statistic;
+    :func:`train_programs` compiles the two parts as separate programs."""
     grads, batch_stats, metrics = gradient_step(
-        state.params, state.batch_stats, batch, model=model, instance=instance, low_mode=low_mode
+        state.params,
+        state.batch_stats,
+        batch,
+        state.step,
+        trainee=trainee,
+        setting=setting,
+        seed=seed,
     )
     return update_step(state.replace(batch_stats=batch_stats), grads, tx=tx), metrics
 
@@ -100,48 +97,33 @@ UPDATE_KEY = "update"
 """The key of the parameter-update program in :attr:`TrainPrograms.update`."""
 
 
-def _instance_and_low_mode(key: ProgramKey) -> tuple[Instance, LowMode | None]:
-    """What a step of ``key`` runs: an instance in full mode, or the full instance in
-    a low mode."""
-    return (Instance.full(), key) if isinstance(key, LowMode) else (key, None)
-
-
-def _trained_instance(key: ProgramKey) -> Instance | None:
-    """The instance whose batch-norm statistics a step of ``key`` updates (None for a
-    low mode, which updates none)."""
-    instance, low_mode = _instance_and_low_mode(key)
-    return None if low_mode is not None else instance
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainPrograms:
-    """The compiled train step of every :data:`ProgramKey`, as two programs.
+    """The compiled train step of every setting of a trainee, as two programs.
 
-    A step runs its key's gradient program (:func:`gradient_step`: forward, backward,
-    and the running batch-norm statistics of that instance alone,
-    :func:`sdpoint_jax.core.norm.trained_statistics`) and then the one parameter-update
-    program (:func:`update_step`) that every key shares. Compiling the optimizer once,
-    and passing a program only the statistics it updates (not every instance's, 650 of
-    a WRN-28-10 step's 840 arguments), makes the ``2N + 1`` programs cheaper to load:
-    on CPU a WRN-28-10 gradient program loads from the executable cache in 0.27 s,
-    the whole step as one program with every statistic in 0.39 s, so all 25 steps load
-    in 4.5 s instead of 5.9 s (``benchmarks/README.md``). Step time is unchanged within
-    noise (the gradients were materialised inside the single program too).
+    A step runs its setting's gradient program (:func:`gradient_step`: forward,
+    backward, and only the running statistics the setting updates, e.g. those of one
+    SDPoint instance, :meth:`Trainee.trained_statistics`) and then the one
+    parameter-update program (:func:`update_step`) that every setting shares.
+    Compiling the optimizer once, and passing a program only the statistics it
+    updates (not every instance's), makes the ``2N + 1`` programs cheaper to load from
+    the executable cache than one whole-step program per instance, at the same step
+    time (figures: ``benchmarks/README.md``, "Compilation").
 
     ``programs[key](state, batch) -> (state, {"loss", "accuracy"})`` runs a step,
     compiling what it needs on first use; the state is consumed (donated).
     """
 
+    trainee: Trainee
     gradients: InstancePrograms
     update: InstancePrograms
 
-    def __getitem__(self, key: ProgramKey) -> Any:
+    def __getitem__(self, key: Setting) -> Any:
         gradients, update = self.gradients[key], self.update[UPDATE_KEY]
-        instance = _trained_instance(key)
 
         def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Any]:
-            trained = trained_statistics(state.batch_stats, instance)
-            grads, trained, metrics = gradients(state.params, trained, batch)
+            trained = self.trainee.trained_statistics(state.batch_stats, key)
+            grads, trained, metrics = gradients(state.params, trained, batch, state.step)
             batch_stats = merge_statistics(state.batch_stats, trained)
             return update(state.replace(batch_stats=batch_stats), grads), metrics
 
@@ -151,7 +133,7 @@ class TrainPrograms:
         """Gradient programs compiled so far (one per key used)."""
         return len(self.gradients)
 
-    def precompile(self, keys: Iterable[ProgramKey], *, workers: int | None = None) -> None:
+    def precompile(self, keys: Iterable[Setting], *, workers: int | None = None) -> None:
         """Compiles the update program and every key's gradient program not compiled
         yet (``workers`` gradient programs at a time, beside the update program)."""
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -161,27 +143,28 @@ class TrainPrograms:
 
 
 def train_programs(
-    model: SDPointModel,
+    trainee: Trainee,
     tx: optax.GradientTransformation,
     state: TrainState,
     mesh: Mesh,
     batch_size: int,
     image_size: int,
     fingerprint: str | None = None,
+    seed: int = 0,
 ) -> TrainPrograms:
-    """Train steps keyed by :data:`ProgramKey` (an instance, or a low mode of the full
-    instance): state replicated (and donated), batch sharded on the mesh's data axis.
-    With a ``fingerprint`` (of everything ``model`` and ``tx`` depend on, e.g.
+    """Train steps of ``trainee`` keyed by setting (for SDPoint an instance, or a low
+    mode of the full instance): state replicated (and donated), batch sharded on the
+    mesh's data axis; step ``s`` draws its randomness from ``(seed, s)``.
+    With a ``fingerprint`` (of everything ``trainee`` and ``tx`` depend on, e.g.
     :func:`program_fingerprint`) and the persistent compilation cache on, compiled
     programs are also kept across runs (:func:`sdpoint_jax.training.programs.executable_cache`)."""
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
-    def build_gradients(key: ProgramKey):
-        instance, low_mode = _instance_and_low_mode(key)
-        step = functools.partial(gradient_step, model=model, instance=instance, low_mode=low_mode)
+    def build_gradients(key: Setting):
+        step = functools.partial(gradient_step, trainee=trainee, setting=key, seed=seed)
         return jax.jit(
             step,
-            in_shardings=(replicated, replicated, batch_sharding),
+            in_shardings=(replicated, replicated, batch_sharding, replicated),
             out_shardings=replicated,
             donate_argnums=1,  # the statistics; the parameters go on to the update
         )
@@ -203,10 +186,12 @@ def train_programs(
     executables = None if fingerprint is None else executable_cache(fingerprint)
     state = abstract_like(state, replicated)
 
-    def gradient_args(key: ProgramKey) -> tuple:
-        return state.params, trained_statistics(state.batch_stats, _trained_instance(key)), batch
+    def gradient_args(key: Setting) -> tuple:
+        trained = trainee.trained_statistics(state.batch_stats, key)
+        return state.params, trained, batch, state.step
 
     return TrainPrograms(
+        trainee=trainee,
         gradients=InstancePrograms(build_gradients, gradient_args, "train steps", executables),
         update=InstancePrograms(
             build_update, (state, state.params), "parameter update", executables
@@ -231,10 +216,11 @@ NOT_IN_PROGRAMS = (
 
 
 def program_fingerprint(
-    config: ml_collections.ConfigDict, model: SDPointModel, steps_per_epoch: int
+    config: ml_collections.ConfigDict, trainee: Trainee, steps_per_epoch: int
 ) -> str:
-    """What the train-step programs of a run depend on: the model, the config (but
-    :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate schedule)."""
+    """What the train-step programs of a run depend on: the trainee (its model), the
+    config (but :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate
+    schedule)."""
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAMS}
     config_text = json.dumps(fields, sort_keys=True, default=list)
-    return "\n".join([repr(model), config_text, str(steps_per_epoch)])
+    return "\n".join([repr(trainee), config_text, str(steps_per_epoch)])

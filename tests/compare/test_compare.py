@@ -20,6 +20,7 @@ from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.compare.trainer import Preempted, train_method
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.loop import train
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 EVAL_EXAMPLES = 64
@@ -93,6 +94,16 @@ def test_unknown_method_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown comparison method 'nope'; choose from"):
         run_comparison(tiny_config(("baseline", "nope")), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_comparison_trains_sdpoint_exactly_as_the_training_command(tmp_path):
+    config = tiny_config(("sdpoint",))
+    method = build_method("sdpoint", config)
+    compared = train_method(method, config, tmp_path / "compare", parallel.create_mesh())
+    trained = train(config, tmp_path / "train", resume=False)
+    assert int(trained.step) == config.max_steps
+    for a, b in zip(jax.tree.leaves(compared), jax.tree.leaves(trained.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 class SigtermAtStep(SDPointMethod):

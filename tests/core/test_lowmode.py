@@ -37,6 +37,7 @@ from sdpoint_jax.training.schedules import (
     low_mode_schedule,
 )
 from sdpoint_jax.training.steps import train_programs
+from sdpoint_jax.training.trainee import SDPointTrainee
 from tests.conftest import losses, needs_cifar10, tiny_config
 
 LOW = LowMode(2)
@@ -443,8 +444,9 @@ def test_train_programs_are_keyed_by_instance_or_low_mode():
     model = create("wrn-10-1")
     tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
     mesh = parallel.create_mesh()
-    state = parallel.replicate(initial_state(model, tx, 16, seed=0), mesh)
-    programs = train_programs(model, tx, state, mesh, 4, 16)
+    trainee = SDPointTrainee(model)
+    state = parallel.replicate(initial_state(trainee, tx, 16, seed=0), mesh)
+    programs = train_programs(trainee, tx, state, mesh, 4, 16)
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch(
         {

@@ -108,10 +108,11 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
     from sdpoint_jax.models import create
     from sdpoint_jax.training.run import create_optimizer, initial_state
     from sdpoint_jax.training.steps import train_programs
+    from sdpoint_jax.training.trainee import SDPointTrainee
     from sdpoint_jax.config import cifar_config
 
     assert len(jax.devices()) == 8, jax.devices()
-    model = create("wrn-10-1")
+    model = SDPointTrainee(create("wrn-10-1"))
     config = cifar_config("wrn-10-1", "cifar10")
     config.learning_rate = 0.01  # at 0.1, random labels make 3 steps chaotic
     tx = create_optimizer(config, steps_per_epoch=100)
@@ -222,8 +223,9 @@ def test_bfloat16_compute_trains_with_float32_state():
     from sdpoint_jax.models import create
     from sdpoint_jax.training.run import create_optimizer, initial_state
     from sdpoint_jax.training.steps import train_step
+    from sdpoint_jax.training.trainee import SDPointTrainee
 
-    model = create("wrn-10-1", dtype=jnp.bfloat16)
+    model = SDPointTrainee(create("wrn-10-1", dtype=jnp.bfloat16))
     tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
     state = initial_state(model, tx, image_size=16, seed=0)
     rng = np.random.default_rng(0)
@@ -231,10 +233,10 @@ def test_bfloat16_compute_trains_with_float32_state():
         "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
         "label": rng.integers(0, 10, 16).astype(np.int32),
     }
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    step = jax.jit(functools.partial(train_step, trainee=model, tx=tx), static_argnames="setting")
     losses = []
     for instance in [Instance.full(), Instance(2, 0.5)] * 6:
-        state, metrics = step(state, batch, instance=instance)
+        state, metrics = step(state, batch, setting=instance)
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2])  # fits the fixed batch
@@ -249,13 +251,14 @@ def test_train_programs_compute_the_train_step_with_one_shared_update_program():
     from sdpoint_jax.training import parallel
     from sdpoint_jax.training.run import create_optimizer, initial_state
     from sdpoint_jax.training.steps import train_programs, train_step
+    from sdpoint_jax.training.trainee import SDPointTrainee
 
-    model = create("wrn-10-1")
+    model = SDPointTrainee(create("wrn-10-1"))
     tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
     mesh = parallel.create_mesh()
     initial = initial_state(model, tx, image_size=16, seed=0)
     programs = train_programs(model, tx, parallel.replicate(initial, mesh), mesh, 8, 16)
-    fused = jax.jit(functools.partial(train_step, model=model, tx=tx), static_argnames="instance")
+    fused = jax.jit(functools.partial(train_step, trainee=model, tx=tx), static_argnames="setting")
     rng = np.random.default_rng(0)
     expected = jax.tree.map(np.array, initial)  # a copy: the programs consume their state
     state = parallel.replicate(initial, mesh)
@@ -266,7 +269,7 @@ def test_train_programs_compute_the_train_step_with_one_shared_update_program():
         }
         consumed = state
         state, metrics = programs[instance](state, parallel.shard_batch(batch, mesh))
-        expected, expected_metrics = fused(expected, batch, instance=instance)
+        expected, expected_metrics = fused(expected, batch, setting=instance)
         assert all(leaf.is_deleted() for leaf in jax.tree.leaves(consumed))  # donated
         np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
         for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
