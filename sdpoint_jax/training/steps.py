@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.core.norm import merge_statistics, trained_statistics
 from sdpoint_jax.models import SDPointModel
@@ -130,17 +130,25 @@ class TrainPrograms:
 
     ``programs[key](state, batch) -> (state, {"loss", "accuracy"})`` runs a step,
     compiling what it needs on first use; the state is consumed (donated).
+
+    Attributes:
+      gradients: the gradient program of each key.
+      update: the parameter-update program, under :data:`UPDATE_KEY`.
+      space, bn_mode: the model's instance space and batch-norm mode, which say what
+        statistics a step updates.
     """
 
     gradients: InstancePrograms
     update: InstancePrograms
+    space: InstanceSpace
+    bn_mode: str
 
     def __getitem__(self, key: ProgramKey) -> Any:
         gradients, update = self.gradients[key], self.update[UPDATE_KEY]
         instance = _trained_instance(key)
 
         def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Any]:
-            trained = trained_statistics(state.batch_stats, instance)
+            trained = trained_statistics(state.batch_stats, instance, self.space, self.bn_mode)
             grads, trained, metrics = gradients(state.params, trained, batch)
             batch_stats = merge_statistics(state.batch_stats, trained)
             return update(state.replace(batch_stats=batch_stats), grads), metrics
@@ -204,13 +212,18 @@ def train_programs(
     state = abstract_like(state, replicated)
 
     def gradient_args(key: ProgramKey) -> tuple:
-        return state.params, trained_statistics(state.batch_stats, _trained_instance(key)), batch
+        trained = trained_statistics(
+            state.batch_stats, _trained_instance(key), model.space, model.bn_mode
+        )
+        return state.params, trained, batch
 
     return TrainPrograms(
         gradients=InstancePrograms(build_gradients, gradient_args, "train steps", executables),
         update=InstancePrograms(
             build_update, (state, state.params), "parameter update", executables
         ),
+        space=model.space,
+        bn_mode=model.bn_mode,
     )
 
 
