@@ -121,12 +121,10 @@ class TrainPrograms:
     and the running batch-norm statistics of that instance alone,
     :func:`sdpoint_jax.core.norm.trained_statistics`) and then the one parameter-update
     program (:func:`update_step`) that every key shares. Compiling the optimizer once,
-    and passing a program only the statistics it updates (not every instance's, 650 of
-    a WRN-28-10 step's 840 arguments), makes the ``2N + 1`` programs cheaper to load:
-    on CPU a WRN-28-10 gradient program loads from the executable cache in 0.27 s,
-    the whole step as one program with every statistic in 0.39 s, so all 25 steps load
-    in 4.5 s instead of 5.9 s (``benchmarks/README.md``). Step time is unchanged within
-    noise (the gradients were materialised inside the single program too).
+    and passing a program only the statistics it updates (not every instance's, most of
+    a large model's step arguments), makes the ``2N + 1`` programs cheaper to load from
+    the executable cache, with step time unchanged: a single program materialised the
+    gradients too (``benchmarks/README.md``, "Compilation").
 
     ``programs[key](state, batch) -> (state, {"loss", "accuracy"})`` runs a step,
     compiling what it needs on first use; the state is consumed (donated).
