@@ -6,7 +6,10 @@ differ (paper Sect. 5.1). :class:`KeyedBatchNorm` keeps one ``{mean, var}`` pair
 
     batch_stats/<layer path>/<key>/{mean, var}      # key: "full" or e.g. "p3_r0p5"
 
-Which keys a layer needs follows from where it sits (:func:`layer_keys`). Every
+Which key a layer uses under an instance follows from where it sits, by one rule
+(:func:`statistics_key`); the keys it owns (:func:`layer_keys`) and the parts of a
+model's statistics a step or an instance uses (:func:`trained_statistics`,
+:func:`own_statistics`) derive from that rule. Every
 layer also keeps a ``"uniform"`` key that every training step updates, whatever the
 instance: the statistics "averaged from many training iterations" of the paper's UBN
 baseline, so one SDPoint run can be evaluated both ways. ``scale`` and
@@ -20,7 +23,8 @@ unbiased one; ``momentum=0.9`` here equals PyTorch's ``momentum=0.1``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,33 +32,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdpoint_jax.core.instance import FULL_KEY, Instance
+from sdpoint_jax.core.instance import FULL_KEY, Instance, InstanceSpace
 
 BN_MODES = ("instance", "uniform")
 UNIFORM_KEY = "uniform"
 
 
-def layer_keys(block: int, ratios: Sequence[float], bn_mode: str) -> tuple[str, ...]:
-    """Every statistics key a BN layer in ``block`` can need.
+FIRST_BLOCK = 1
+"""The building block before every downsampling point. No instance changes its input,
+so under every instance a layer of this block uses ``"full"`` (``"uniform"`` with
+``bn_mode="uniform"``): networks without points key every layer with it."""
+
+
+def statistics_key(block: int, instance: Instance, bn_mode: str = "instance") -> str:
+    """The statistics key a BN layer in ``block`` reads and updates under ``instance``:
+    the one keying rule, from which every other key set here derives.
 
     A layer in block ``b`` (the building block that ends at point ``b``; layers after
     the last point have ``b = N + 1``) sees a full-size input under instance ``(p, r)``
-    when ``p = 0`` or ``b <= p``; only instances with ``1 <= p < b`` change its input.
-    So it owns ``"full"``, one key per instance with ``1 <= p < b``, and
-    ``"uniform"``. ``bn_mode="uniform"`` (the UBN baseline) owns ``"uniform"`` only.
+    when ``p = 0`` or ``b <= p`` and then uses the shared ``"full"`` key; only
+    instances with ``1 <= p < b`` change its input, and each uses its own key
+    (``instance.key``, e.g. ``"p3_r0p5"``). ``bn_mode="uniform"`` (the UBN baseline)
+    uses ``"uniform"`` for every instance.
     """
     check_bn_mode(bn_mode)
-    if bn_mode == "uniform":
-        return (UNIFORM_KEY,)
-    instance_keys = tuple(
-        Instance(point, ratio).key for point in range(1, block) for ratio in ratios
-    )
-    return (FULL_KEY, *instance_keys, UNIFORM_KEY)
-
-
-def active_key(block: int, instance: Instance, bn_mode: str) -> str:
-    """The key a BN layer in ``block`` reads and updates under ``instance``."""
-    check_bn_mode(bn_mode)
+    _check_block(block)
     if bn_mode == "uniform":
         return UNIFORM_KEY
     if instance.is_full or block <= instance.point:
@@ -62,27 +64,107 @@ def active_key(block: int, instance: Instance, bn_mode: str) -> str:
     return instance.key
 
 
-def trained_statistics(batch_stats: Mapping[str, Any], instance: Instance | None) -> dict:
-    """The part of a model's ``batch_stats`` that a training step of ``instance`` reads
-    and updates; ``None`` for a low-mode step, which updates none (an empty dict).
+def layer_keys(block: int, ratios: Sequence[float], bn_mode: str) -> tuple[str, ...]:
+    """Every statistics key a BN layer in ``block`` owns: the keys
+    :func:`statistics_key` gives it over all instances, then ``"uniform"``.
 
-    In each layer that is the active key and ``"uniform"``. A layer owns the instance's
-    own key exactly when the instance changes its input (:func:`layer_keys`), so the
-    active key (:func:`active_key`) is that key where the layer owns it and ``"full"``
-    elsewhere; a layer owning ``"uniform"`` alone (``bn_mode="uniform"``) uses that.
-    A layer is a mapping of keys to ``{"mean", "var"}`` pairs; any other mapping is a
-    scope of layers.
+    Instances with a point at or after ``block`` all give ``"full"``, so the instances
+    with points ``1..block - 1`` and the full one give every key: ``"full"``, one key
+    per instance with ``1 <= p < b`` (points in order, ratios in the given order) and
+    ``"uniform"``; ``bn_mode="uniform"`` owns ``"uniform"`` only.
     """
-    if instance is None:
-        return {}
+    _check_block(block)
+    preceding = InstanceSpace(block - 1, tuple(ratios))
+    keys = (statistics_key(block, instance, bn_mode) for instance in preceding)
+    return tuple(dict.fromkeys((*keys, UNIFORM_KEY)))
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < FIRST_BLOCK:
+        raise ValueError(f"block must be an integer >= {FIRST_BLOCK}, got {block!r}")
+
+
+@functools.cache
+def _blocks_by_keys(space: InstanceSpace, bn_mode: str) -> dict[frozenset[str], int]:
+    """The block of a layer of a model of ``space`` from the keys it owns
+    (:func:`layer_keys` inverted). With ``bn_mode="uniform"`` every block owns the same
+    key; the first stands for all, as every block has the same :func:`statistics_key`."""
+    blocks: dict[frozenset[str], int] = {}
+    for block in range(FIRST_BLOCK, space.num_points + 2):
+        blocks.setdefault(frozenset(layer_keys(block, space.ratios, bn_mode)), block)
+    return blocks
+
+
+def _select(
+    batch_stats: Mapping[str, Any],
+    space: InstanceSpace,
+    bn_mode: str,
+    keys_of: Callable[[int], Sequence[str]],
+) -> dict:
+    """``batch_stats`` with each layer restricted to ``keys_of(its block)``, the block
+    following from the keys the layer owns. A layer is a mapping of keys to ``{"mean",
+    "var"}`` pairs; any other mapping is a scope of layers."""
+    blocks = _blocks_by_keys(space, bn_mode)
 
     def select(node: Mapping[str, Any]) -> dict:
         if not all(_is_statistics(child) for child in node.values()):
             return {name: select(child) for name, child in node.items()}
-        active = instance.key if instance.key in node else FULL_KEY
-        return {key: node[key] for key in dict.fromkeys((active, UNIFORM_KEY)) if key in node}
+        block = blocks.get(frozenset(node))
+        if block is None:
+            raise ValueError(
+                f"a batch-norm layer owning keys {sorted(node)} is in no block of a model "
+                f"of {space} with bn_mode={bn_mode!r}"
+            )
+        return {key: node[key] for key in keys_of(block)}
 
     return select(batch_stats)
+
+
+def trained_statistics(
+    batch_stats: Mapping[str, Any],
+    instance: Instance | None,
+    space: InstanceSpace,
+    bn_mode: str = "instance",
+) -> dict:
+    """The part of the ``batch_stats`` of a model of ``space`` and ``bn_mode`` that a
+    training step of ``instance`` reads and updates; ``None`` for a low-mode step, which
+    updates none (an empty dict).
+
+    In each layer that is the :func:`statistics_key` of its block and ``"uniform"``.
+
+    Raises:
+      ValueError: a layer owning keys that no block of such a model owns.
+    """
+    if instance is None:
+        return {}
+
+    def trained(block: int) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((statistics_key(block, instance, bn_mode), UNIFORM_KEY)))
+
+    return _select(batch_stats, space, bn_mode, trained)
+
+
+def own_statistics(
+    batch_stats: Mapping[str, Any],
+    instance: Instance,
+    space: InstanceSpace,
+    bn_mode: str = "instance",
+) -> dict:
+    """The part of ``batch_stats`` (as in :func:`trained_statistics`) that ``instance``
+    alone uses: in each layer whose :func:`statistics_key` under ``instance`` is the
+    instance's own key, that key. For the full instance this is ``"full"`` in every
+    layer; for ``(p, r)`` its key in the layers after point ``p``; other layers are
+    empty mappings.
+
+    Raises:
+      ValueError: as :func:`trained_statistics`.
+    """
+
+    def own(block: int) -> tuple[str, ...]:
+        key = statistics_key(block, instance, bn_mode)
+        return (key,) if key == instance.key else ()
+
+    return _select(batch_stats, space, bn_mode, own)
 
 
 def merge_statistics(batch_stats: Mapping[str, Any], part: Mapping[str, Any]) -> dict:

@@ -41,7 +41,7 @@ import jax
 from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.layers import AdaptivePool, Pool, conv
 from sdpoint_jax.core.lowmode import LowMode, downsample_images
-from sdpoint_jax.core.norm import KeyedBatchNorm, active_key, check_bn_mode, layer_keys
+from sdpoint_jax.core.norm import KeyedBatchNorm, check_bn_mode, layer_keys, statistics_key
 from sdpoint_jax.core.pooling import downsampled_hw
 from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
@@ -88,7 +88,7 @@ class SDPointContext:
         self._check_index(block, upper=self.space.num_points + 1)
         return KeyedBatchNorm(
             keys=layer_keys(block, self.space.ratios, self.bn_mode),
-            key=active_key(block, self.instance, self.bn_mode),
+            key=statistics_key(block, self.instance, self.bn_mode),
             use_running_average=not self.train,
             update_running_stats=self.low_mode is None,
             axis_name=self.bn_axis_name,

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.norm import own_statistics
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.training import parallel
 
@@ -33,19 +34,16 @@ Stats = dict[tuple[str, ...], jax.Array]
 """Flattened ``batch_stats`` leaves: ``(*layer path, key, "mean" | "var") -> (C,)``."""
 
 
-def _owned_by(path: tuple[str, ...], key: str) -> bool:
-    """Whether a flattened ``batch_stats`` path is a statistic stored under ``key``."""
-    return len(path) >= 2 and path[-2] == key
-
-
-def _batch_moments_fn(model: SDPointModel) -> Callable[..., Stats]:
+def _batch_moments_fn(model: SDPointModel, batch_stats: Any) -> Callable[..., Stats]:
     """Jitted ``(params, images, instance) -> Stats`` of the instance's own key.
 
     A train-mode step normalises with batch statistics and never reads the stored ones,
     so it runs on freshly created statistics; with momentum 0 it stores exactly that
     batch's per-channel mean and unbiased variance in those it updates (whatever the
-    old values, even non-finite ones). Only the leaves stored under ``instance.key``
-    are returned. ``instance`` is static: one program each.
+    old values, even non-finite ones). Only the leaves the instance alone uses are
+    returned (:func:`~sdpoint_jax.core.norm.own_statistics` of ``batch_stats``, the
+    model's statistics, of which only the structure is read). ``instance`` is static:
+    one program each.
     """
     stepper = model.clone(bn_momentum=0.0)
 
@@ -55,7 +53,8 @@ def _batch_moments_fn(model: SDPointModel) -> Callable[..., Stats]:
             {"params": params}, images, instance=instance, train=True, mutable=["batch_stats"]
         )
         flat = traverse_util.flatten_dict(updates["batch_stats"])
-        return {path: leaf for path, leaf in flat.items() if _owned_by(path, instance.key)}
+        own = own_statistics(batch_stats, instance, model.space, model.bn_mode)
+        return {path: flat[path] for path in traverse_util.flatten_dict(own)}
 
     return moments
 
@@ -114,7 +113,7 @@ def calibrate(
         or no batches.
     """
     instances = _check_model(model, instances)
-    moments = _batch_moments_fn(model)
+    moments = _batch_moments_fn(model, variables["batch_stats"])
     params = variables["params"]
     params = params if mesh is None else parallel.replicate(params, mesh)
     sums: dict[Instance, Stats] = {}

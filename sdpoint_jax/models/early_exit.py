@@ -17,9 +17,10 @@ the network's own head; every other exit is a branch::
 
 Batch norm works as in the unmodified network: the layers come from an
 :class:`~sdpoint_jax.core.points.SDPointContext` running the full instance in an instance
-space without downsampling points, so every BN layer owns the ``"full"`` statistics
-(read at inference, updated in training) and the ``"uniform"`` ones, exactly the keys
-:class:`WideResNet` reads and updates under the full instance.
+space without downsampling points, every one in the block before every point
+(:data:`~sdpoint_jax.core.norm.FIRST_BLOCK`). So every BN layer owns the ``"full"``
+statistics (read at inference, updated in training) and the ``"uniform"`` ones, exactly
+the keys :class:`WideResNet` reads and updates under the full instance.
 
 Training techniques of Li et al., "Improved Techniques for Training Adaptive Deep
 Networks" (ICCV 2019, "IMTA"), as switches of the model:
@@ -55,14 +56,11 @@ from jax import lax
 
 from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.layers import Add, GlobalAvgPool, Relu, classifier
+from sdpoint_jax.core.norm import FIRST_BLOCK
 from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.cost import CONV_TAPS, _layer_flops
 from sdpoint_jax.models.wrn import PreActBasicBlock, WideResNet
 from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
-
-# Every BN layer is keyed as block 1 of a space with no points: it owns "full" and
-# "uniform" (see the module docstring).
-_BN_BLOCK = 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -118,7 +116,7 @@ def _check_exit(exit: int, num_exits: int) -> None:
 def _classify(ctx: SDPointContext, x: jax.Array, num_classes: int, norm_name: str) -> jax.Array:
     """BN-ReLU, global average pool and linear classifier; float32 ``(B, num_classes)``.
     Called inside a compact method: the layers belong to the caller."""
-    x = Relu()(ctx.norm(_BN_BLOCK, name=norm_name)(x))
+    x = Relu()(ctx.norm(FIRST_BLOCK, name=norm_name)(x))
     x = GlobalAvgPool()(x)
     return classifier(num_classes, dtype=ctx.dtype)(x).astype(jnp.float32)
 
@@ -134,7 +132,7 @@ class ExitBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = PreActBasicBlock(self.features, 1, _BN_BLOCK, self.ctx, name="block")(x)
+        x = PreActBasicBlock(self.features, 1, FIRST_BLOCK, self.ctx, name="block")(x)
         return _classify(self.ctx, x, self.num_classes, "bn")
 
 
@@ -225,7 +223,7 @@ class EarlyExitWRN(nn.Module, kw_only=True):
         outputs: list[jax.Array] = []
         x = ctx.conv(16, 3, name="stem")(images.astype(self.dtype))
         for block, (features, stride) in enumerate(self._trunk_blocks(), start=1):
-            x = PreActBasicBlock(features, stride, _BN_BLOCK, ctx, name=f"block{block}")(x)
+            x = PreActBasicBlock(features, stride, FIRST_BLOCK, ctx, name=f"block{block}")(x)
             i = exit_at.get(block)
             if i is None:
                 continue

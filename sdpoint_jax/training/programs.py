@@ -9,13 +9,13 @@ threads (XLA compiles outside the GIL), and JAX's persistent compilation cache l
 second run skip XLA's compilation.
 
 JAX's cache is keyed by the lowered program, so a second run still traces and lowers
-every program in Python first (about 1.8 s per WRN-28-10 train step). An
-:class:`ExecutableCache` keeps the compiled executables themselves, keyed by a
-fingerprint of everything that determines them, so a hit skips tracing, lowering and
-compiling: the executable is read and loaded. It only keeps programs XLA compiled in
-this process: an executable that JAX's cache loaded is not serialised again, since
-XLA:CPU then writes it without its machine code (loading that file later fails with
-"Function ... not found").
+every program in Python first (the bulk of a warm start for a large model;
+``benchmarks/README.md``, "Compilation"). An :class:`ExecutableCache` keeps the
+compiled executables themselves, keyed by a fingerprint of everything that determines
+them, so a hit skips tracing, lowering and compiling: the executable is read and
+loaded. It only keeps programs XLA compiled in this process: an executable that JAX's
+cache loaded is not serialised again, since XLA:CPU then writes it without its machine
+code (loading that file later fails with "Function ... not found").
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 
 def default_compile_workers(cap: int = 8) -> int:
     """Compile threads to use by default: one per CPU this process may run on, at most
-    ``cap``. More threads than cores only add contention: on 2 cores, loading 25 kept
-    WRN-28-10 train steps took 5.9 s with 2 threads and 6.6 s with 4."""
+    ``cap``. More threads than cores only add contention: loading kept programs gets
+    slower past one thread per core (``benchmarks/README.md``, "Compilation")."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cap, cpus or 1))
 

@@ -112,6 +112,11 @@ class TrainPrograms:
 
     ``programs[key](state, batch) -> (state, {"loss", "accuracy"})`` runs a step,
     compiling what it needs on first use; the state is consumed (donated).
+
+    Attributes:
+      trainee: what is trained; it says which statistics a step of a setting updates.
+      gradients: the gradient program of each setting.
+      update: the parameter-update program, under :data:`UPDATE_KEY`.
     """
 
     trainee: Trainee

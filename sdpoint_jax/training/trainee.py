@@ -152,7 +152,8 @@ class SDPointTrainee(Trainee):
 
     def trained_statistics(self, batch_stats: Mapping[str, Any], setting: ProgramKey) -> dict:
         instance, low_mode = instance_and_low_mode(setting)
-        return trained_statistics(batch_stats, None if low_mode is not None else instance)
+        trained = None if low_mode is not None else instance
+        return trained_statistics(batch_stats, trained, self.model.space, self.model.bn_mode)
 
     def program_keys(self) -> list[ProgramKey]:
         """Every program a training step can draw (full instance first)."""

@@ -1,34 +1,30 @@
 """A CPU-friendly convolution for training: matrix products over one patch matrix.
 
 On XLA:CPU the gradient of a convolution with respect to its *kernel* is lowered as a
-convolution whose window is the whole feature map, which runs far off the fast path:
-for a 3x3, 64 -> 64 convolution on 128 images of 32x32 it takes ~1.5 s, nine times
-the forward pass. The same gradient written as one matrix product,
-``patches(x)^T @ dy`` with the ``(N*Ho*Wo, kh*kw*C)`` patch matrix of the input, takes
-~0.2 s. Once that matrix is built, the forward pass and the input gradient are matrix
-products too: ``y = patches @ W`` (XLA:CPU's matrix products run at about twice the
-FLOP rate of its convolutions for 64 channels at 32x32), and ``dx`` is the transpose of
-building the patches applied to ``dy @ W^T`` (nine shifted adds). So
-:func:`conv_matmul_grad` builds the patch matrix once in the forward pass of a
-differentiated call, keeps it for the backward pass (``kh*kw`` times the input's memory
-per convolution, affordable in host memory), and computes the output and both
-gradients from it. Outside differentiation (inference) it is XLA's convolution. Values
-and gradients equal ``lax.conv_general_dilated``'s within float tolerance.
+convolution whose window is the whole feature map, which runs far off the fast path,
+many times slower than the forward pass for 3x3 convolutions with 64 channels at
+32x32. The same gradient written as one matrix product, ``patches(x)^T @ dy`` with the
+``(N*Ho*Wo, kh*kw*C)`` patch matrix of the input, is several times faster. Once that
+matrix is built, the forward pass and the input gradient are matrix products too:
+``y = patches @ W`` (XLA:CPU's matrix products reach a higher FLOP rate than its
+convolutions with 64 channels at 32x32), and ``dx`` is the transpose of building the
+patches applied to ``dy @ W^T`` (nine shifted adds). So :func:`conv_matmul_grad`
+builds the patch matrix once in the forward pass of a differentiated call, keeps it
+for the backward pass (``kh*kw`` times the input's memory per convolution, affordable
+in host memory), and computes the output and both gradients from it. Outside
+differentiation (inference) it is XLA's convolution. Values and gradients equal
+``lax.conv_general_dilated``'s within float tolerance.
 
-WRN-16-4 train step, batch 128, 2-core x86 CPU: 3.60 s with XLA's forward and input
-gradient and the matrix-product kernel gradient, 3.15 s with all three from the patch
-matrix (measured in one run). The kept patch matrices cost host memory: train-step
-temporaries at batch 128 are 1.98 GiB for WRN-16-4 (0.48 GiB with ``"xla"``) and
-10.3 GiB for WRN-28-10 (2.4 GiB); pick ``"xla"`` where memory is short.
+A WRN-16-4 train step is faster with all three from the patch matrix than with only
+the kernel gradient from it. The kept patch matrices cost host memory: train-step
+temporaries are several times those of ``"xla"``; pick ``"xla"`` where memory is
+short.
 
 Building the patch matrix costs memory traffic, which only pays where XLA's kernel
-gradient is slow. The kernel gradient alone, batch 128, 3x3, stride 1, 2-core x86 CPU
-(ms, XLA -> ours; input size, channels in -> out): 32x32, 16->64: 322 -> ~60 (in a
-WRN-16-4 train step); 16x16, 64->64: 111 -> 82; 16x16, 128->128: 240 -> 196;
-8x8, 256->256: 129 -> 119 (189 in a train step); but 32x32, 16->16: 35 -> 68;
-16x16, 32->32: 19 -> 40; 8x8, 128->128: 28 -> 51. Forward + backward of a 3x3
-convolution: 32x32, 64->64: 1800 -> 544. A 1x1 kernel's patch matrix is the input
-itself (or its strided slice): 32x32, 16->64, forward + backward: 228 -> 65.
+gradient is slow: large maps with many channels, and every 1x1 kernel, whose patch
+matrix is the input itself (or its strided slice); small 3x3 convolutions (few
+channels, or small maps) are faster with XLA. The timings per shape, the train step
+and the memory are in ``benchmarks/README.md`` ("Convolution lowering per shape").
 
 XLA's time grows with the input's height x width x output channels, and with the
 input channels up to about 32, so the matrix product is used for every 1x1
@@ -203,9 +199,9 @@ def conv_matmul_grad(
 # XLA:CPU's YNNPACK library fusions, when allowed to absorb element-wise ops, fuse a
 # whole pre-activation block (convs, batch norm, ReLU, the final pooling) into one
 # fusion that runs slower than the separate ops at small batches: WRN-16-4 batch-1
-# inference took 17.5 ms with the default fusion types and 11.0 ms with convolutions
-# only (measured in one process under load; outputs identical). Training steps showed
-# no gain, so only inference programs use it.
+# inference is faster with convolutions only, outputs identical (benchmarks/README.md,
+# "Batch-1 inference"). Training steps showed no gain, so only inference programs use
+# it.
 _CPU_INFERENCE_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 }

@@ -1,17 +1,17 @@
 """Host memory for XLA:CPU programs: a ``malloc`` that keeps what a step frees.
 
-An XLA:CPU execution allocates its temporaries (about 2 GiB for a WRN-16-4 train step
-at batch 128) with ``malloc`` when it starts and frees them when it ends. glibc serves
+An XLA:CPU execution allocates its temporaries (gigabytes for a WRN train step at
+batch 128) with ``malloc`` when it starts and frees them when it ends. glibc serves
 blocks that large with fresh ``mmap`` pages and unmaps them on ``free``, so every step
 faults its temporaries in again, 4 KiB at a time, and the kernel zeroes each page:
-building one 302 MB patch matrix (:mod:`sdpoint_jax.xla_cpu.conv_lowering`) took 299 ms inside
-a program, 92 ms without the faults. Under a hypervisor that takes back a guest's free
-memory (free page reporting, as in many cloud VMs) it is worse: memory left free for a
-second or two costs host faults when touched again, so a step's cost depended on what
-ran before it (measured: a full WRN-16-4 step took 2.82 s back to back, 3.04 s after a
-1.5 s pause and 3.67 s after a 4 s pause, the difference all system time). SDPoint
-training switches programs every step, so the full network's larger temporaries were
-always "cold".
+building one patch matrix (:mod:`sdpoint_jax.xla_cpu.conv_lowering`) inside a program
+took far longer than without the faults. Under a hypervisor that takes back a
+guest's free memory (free page reporting, as in many cloud VMs) it is worse: memory
+left free for a second or two costs host faults when touched again, so a step's cost
+depended on what ran before it (a full WRN-16-4 step took longer after a pause, the
+difference all system time). SDPoint training switches programs every step, so the
+full network's larger temporaries were always "cold". The measurements are in
+``benchmarks/README.md`` ("Training step" and "Host memory").
 
 Where it can, a command-line program therefore restarts itself once with a different
 host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
@@ -19,20 +19,18 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
 ``tcmalloc``
     ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
     package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
-    it, so most steps fault and zero no pages. Measured (2-core x86 VM, WRN-16-4,
-    batch 128): full step 2.63 s, with no system time, back to back, after another
-    program or after a pause alike. tcmalloc still hands free memory back to the
-    kernel now and then (gperftools' ``TCMALLOC_RELEASE_RATE``, default 1), so some
-    steps fault theirs in again: about 1 run in 3 of the program above, and 4.4
-    million page faults in ``bench train --model wrn-16-4 --batch 128 --steps 24``.
-    ``TCMALLOC_RELEASE_RATE=0`` (set it yourself; it is passed on) never hands memory
-    back: 1.9 million faults in that bench (10.1 s of system time instead of 14.8 s)
-    for a peak resident memory of 7.7 GiB instead of 5.9 GiB.
+    it, so most steps fault and zero no pages: a full step takes no system time, back
+    to back, after another program or after a pause alike. tcmalloc still hands free
+    memory back to the kernel now and then (gperftools' ``TCMALLOC_RELEASE_RATE``,
+    default 1), so some steps fault theirs in again. ``TCMALLOC_RELEASE_RATE=0`` (set
+    it yourself; it is passed on) never hands memory back: fewer faults and less
+    system time for a higher peak resident memory, and step times within noise, so
+    the default rate is kept.
 ``huge-pages``
     glibc's tunable ``glibc.malloc.hugetlb=1``: ``malloc`` asks for transparent huge
     pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
-    time (139,337 page faults per run of the program above became 354) but still
-    returned after every step. Full step 2.70 s instead of 3.28 s.
+    time (far fewer faults) but still returned and zeroed after every step: faster
+    than glibc's defaults, slower than tcmalloc.
 ``default``
     The process as started.
 ``auto`` (the default)
@@ -44,9 +42,8 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
     and a user's own ``glibc.malloc.hugetlb`` setting is kept.
 
 Keeping freed memory with glibc itself (``mallopt``: one arena, no ``mmap``, no
-trimming) was tried and is not used: its heap fragmented and kept growing (WRN-16-2,
-60 mixed steps: 2.9 to 5.1 GiB resident), and one shared arena made batch-1 inference
-5-10% slower.
+trimming) was tried and is not used: its heap fragmented and kept growing, and one
+shared arena made batch-1 inference slower.
 
 ``malloc`` is chosen when a process starts (``LD_PRELOAD``, ``GLIBC_TUNABLES``), hence
 the restart: programs call :func:`restart_with_host_memory` first thing. In your own
@@ -111,8 +108,8 @@ def transparent_huge_page_mode() -> str | None:
 @functools.cache
 def tcmalloc_library() -> str | None:
     """The installed tcmalloc library's name (for ``LD_PRELOAD``), or None. Looked up
-    once per process (each ``find_library`` runs ``ldconfig``, about 17 ms per name
-    where the library is missing)."""
+    once per process: each ``find_library`` runs ``ldconfig``, which is slow where the
+    library is missing (``benchmarks/README.md``, "Host memory")."""
     for name in TCMALLOC_LIBRARIES:
         found = ctypes.util.find_library(name)
         if found:

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from sdpoint_jax.compare.early_exit import EarlyExitMethod, joint_loss, ofa_kl
-from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.instance import Instance, InstanceSpace
+from sdpoint_jax.core.norm import FIRST_BLOCK, statistics_key, trained_statistics
 from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
@@ -257,6 +259,32 @@ def test_last_exit_is_the_wrn():
     expected = wrn.apply(trunk, images, instance=Instance.full(), train=False)
     got = model.apply(variables, images, train=False, up_to=model.num_exits)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_every_batch_norm_layer_is_keyed_as_the_first_block():
+    """Trunk and branches: every layer owns what the keying rule gives the first block
+    (the full instance's key and "uniform"), and a training step touches all of it."""
+    model = early_exit_wrn(10, 1, 10)
+    images = jax.ShapeDtypeStruct((2, *HW, 3), jnp.float32)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    stats = shapes["batch_stats"]
+    layers: dict[tuple[str, ...], set[str]] = {}
+    for path in traverse_util.flatten_dict(stats):
+        layers.setdefault(path[:-2], set()).add(path[-2])
+    # three trunk blocks of two layers, the final BN, two branches of three layers
+    assert len(layers) == 3 * 2 + 1 + 2 * 3
+    keys = {statistics_key(FIRST_BLOCK, Instance.full()), "uniform"}
+    assert keys == {"full", "uniform"}
+    assert all(owned == keys for owned in layers.values())
+    touched = jax.eval_shape(
+        lambda params, x: model.apply({"params": params}, x, train=True, mutable=["batch_stats"])[
+            1
+        ]["batch_stats"],
+        shapes["params"],
+        images,
+    )
+    selected = trained_statistics(stats, Instance.full(), InstanceSpace(0))
+    assert jax.tree.structure(touched) == jax.tree.structure(selected) == jax.tree.structure(stats)
 
 
 def _branch_flops(channels: int, size: int, classes: int) -> int:
