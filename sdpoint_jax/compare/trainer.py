@@ -29,6 +29,7 @@ from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointManager, PreemptionFlag
 from sdpoint_jax.training.run import create_optimizer
+from sdpoint_jax.training.run_dir import RunDir
 
 Row = dict[str, Any]
 
@@ -92,7 +93,7 @@ def train_method(
     state = parallel.replicate(state, mesh)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     with (
-        CheckpointManager(directory / "checkpoints", keep_last=1) as manager,
+        CheckpointManager(RunDir(directory).checkpoints, keep_last=1) as manager,
         PreemptionFlag() as preempted,
     ):
         if manager.latest_step() is not None:

@@ -42,12 +42,14 @@ from sdpoint_jax.evaluation.evaluate import evaluate_instances
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, PreemptionFlag
 from sdpoint_jax.training.run import Run, TrainState
+from sdpoint_jax.training.run_dir import RunDir
 from sdpoint_jax.training.schedules import draw_step, learning_rate_schedule
 from sdpoint_jax.training.steps import ProgramKey, program_fingerprint, train_programs
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
-    """Trains ``config`` in ``workdir`` (checkpoints in ``workdir/checkpoints``).
+    """Trains ``config`` in ``workdir`` (checkpoints in its
+    :attr:`~sdpoint_jax.training.run_dir.RunDir.checkpoints`).
 
     With ``resume`` the latest checkpoint is restored and training continues exactly
     as an uninterrupted run would; without it, an existing checkpoint is an error
@@ -67,7 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         run.image_size,
         program_fingerprint(config, run.model, run.steps_per_epoch),
     )
-    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
+    logger = _MetricsLogger(run.run_dir, jax.process_index() == 0)
     if config.precompile:
         compile_start = time.perf_counter()
         programs.precompile(run.program_keys, workers=config.compile_workers)
@@ -149,11 +151,11 @@ def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
         latest = manager.latest_step()
     if latest is None:
         if resume:
-            print(f"--resume: no checkpoint in {run.workdir / 'checkpoints'}; starting fresh")
+            print(f"--resume: no checkpoint in {run.run_dir.checkpoints}; starting fresh")
         return run.initial_state(), run.initial_draws()
     if not resume:
         raise CheckpointError(
-            f"{run.workdir / 'checkpoints'} already holds a checkpoint (step {latest}); "
+            f"{run.run_dir.checkpoints} already holds a checkpoint (step {latest}); "
             f"pass --resume to continue it, or choose a new --workdir"
         )
     return run.restore()
@@ -211,14 +213,14 @@ class _TrainClock:
 
 
 class _MetricsLogger:
-    """Metrics to ``train_log.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
+    """Metrics to the run's ``train_log.jsonl`` and TensorBoard summaries."""
 
-    def __init__(self, workdir: Path, main: bool):
+    def __init__(self, run_dir: RunDir, main: bool):
         self.main = main
-        self._jsonl = (workdir / "train_log.jsonl").open("a") if main else None
+        self._jsonl = run_dir.train_log.open("a") if main else None
         self._tb = None
         if main:
-            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+            self._tb = tf.summary.create_file_writer(str(run_dir.tensorboard))
 
     def write(self, step: int, metrics: dict[str, float], key: ProgramKey | None) -> None:
         """One log row; ``key`` (the step's instance or low mode) goes in ``"instance"``."""
