@@ -9,66 +9,38 @@
 
 Command line: ``python -m sdpoint_jax.analysis {scale,difficulty} ...`` (see
 :mod:`sdpoint_jax.analysis.__main__`). Both read a run directory written by
-``python -m sdpoint_jax.main train`` with the statistics ``evaluate`` uses: the
-calibrated ones (``WORKDIR/calibrated``) when they belong to the latest training step,
-else the checkpoint's running averages. The analyses run in a single process (on every
-local device of it, batches split over the devices as in ``evaluate``).
+``python -m sdpoint_jax.main train`` with the statistics ``evaluate`` uses
+(:func:`sdpoint_jax.training.run.restore_for_evaluation`): the calibrated ones when they
+belong to the latest training step, else the checkpoint's running averages. The
+analyses run in a single process (on every local device of it, batches split over the
+devices as in ``evaluate``).
 
-This module holds what both analyses share: restoring a run, reading the first test
-images and writing CSV tables.
+This module holds what both analyses share: the one-process check and reading the
+first test images.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # imported on use: they load TensorFlow, which __main__ quiets first
-    import ml_collections
-
-    from sdpoint_jax.training.run import Run, TrainState
+if TYPE_CHECKING:  # imported on use: it loads TensorFlow, which __main__ quiets first
+    from sdpoint_jax.training.run import Run
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
 
 
-def restore_run(
-    config: ml_collections.ConfigDict, workdir: str | Path
-) -> tuple[Run, TrainState, str]:
-    """The run in ``workdir`` and its state for evaluation.
-
-    Returns:
-      ``(run, state, source)``: ``state`` holds the calibrated statistics if they are of
-      the latest training step, else the latest checkpoint's running averages;
-      ``source`` says which, for progress output.
-
-    Raises:
-      FileNotFoundError: ``workdir`` or its ``checkpoints/`` directory does not exist.
-      ValueError: more than one JAX process.
-      CheckpointError: the checkpoint is unreadable or of another config.
-    """
+def check_one_process() -> None:
+    """Raises ``ValueError`` unless this is the only JAX process (the analyses run in
+    one)."""
     import jax
 
-    from sdpoint_jax.evaluation.workflow import state_for_evaluation
-    from sdpoint_jax.training.run import Run
-
-    workdir = Path(workdir)
-    checkpoints = workdir / "checkpoints"
-    if not checkpoints.is_dir():
-        missing = workdir if not workdir.is_dir() else checkpoints
-        raise FileNotFoundError(
-            f"no trained run in {workdir}: {missing} does not exist (train one with "
-            f"`python -m sdpoint_jax.main train --config CFG --workdir {workdir}`)"
-        )
     if jax.process_count() > 1:
         raise ValueError(f"the analyses run in one process, not {jax.process_count()}")
-    run = Run.create(config, workdir)
-    state, source = state_for_evaluation(run)
-    return run, state, source
 
 
 def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:

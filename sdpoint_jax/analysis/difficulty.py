@@ -29,13 +29,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
+from sdpoint_jax.analysis import Batch, Row, analysis_batches, check_one_process
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data.specs import dataset_spec
 from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run import restore_for_evaluation
 
 NONE_CORRECT = -1
 """Group of the images that no instance classifies correctly."""
@@ -287,11 +288,12 @@ def difficulty_run(
     """Groups the first ``images`` test images (default: all) by the cheapest instance
     of the run in ``workdir`` that gets them right; writes ``OUT/difficulty.csv`` (see
     :func:`difficulty_rows`) and ``OUT/difficulty_groups.png``."""
-    run, state, source = restore_run(config, workdir)
+    check_one_process()
+    run, state, source = restore_for_evaluation(config, workdir)
     size = run.image_size
     print(
         f"evaluating {len(run.model.space)} instances (top-{top_k}) at step "
-        f"{int(state.step)}, {source}"
+        f"{source.step}, {source.describe()}"
     )
     result = evaluate_difficulty(
         run.model,

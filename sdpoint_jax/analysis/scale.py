@@ -39,11 +39,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from sdpoint_jax.analysis import Batch, Row, analysis_batches, restore_run
+from sdpoint_jax.analysis import Batch, Row, analysis_batches, check_one_process
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run import restore_for_evaluation
 
 PRECROP_SIZES = (256, 272, 288, 304, 320, 336, 352)
 """The paper's pre-crop sizes (shorter image side before the central crop)."""
@@ -288,12 +289,16 @@ def scale_run(
     labels = [model.label for model in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"the labels of the runs must be distinct, got {labels}")
+    check_one_process()
     out = Path(out)
     rows, results = [], []
     for model in models:
-        run, state, source = restore_run(model.config, model.workdir)
-        step = int(state.step)
-        print(f"{model.label}: full instance at {len(factors)} scales, step {step}, {source}")
+        run, state, source = restore_for_evaluation(model.config, model.workdir)
+        step = source.step
+        print(
+            f"{model.label}: full instance at {len(factors)} scales, step {step}, "
+            f"{source.describe()}"
+        )
         result = scale_sensitivity(
             run.model,
             state.variables,

@@ -39,6 +39,7 @@ from sdpoint_jax.bench.values import zeros_like
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
+from sdpoint_jax.training.run_dir import RunDir
 from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
 Row = dict[str, Any]
@@ -265,7 +266,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Row]
     if not instances:
         parser.error(f"--instances {args.instances!r} names no instance")
     rows = benchmark(target, model, instances, args.batch, repeats=args.repeats, warmup=args.warmup)
-    json_path = report.write_json(args.out / "latency.json", rows)
+    json_path = report.write_json(RunDir(args.out).latency_json, rows)
     device = rows[0]["device_kind"]
     png_path = plot(rows, args.out / "latency_vs_flops.png", f"{args.model} ({device})")
     print(f"{args.model} on {args.dataset}, {args.dtype}, {device}:")

@@ -99,7 +99,7 @@ def run_setting(config: ml_collections.ConfigDict, workdir: Path) -> list[dict[s
         finished = manager.latest_step() == run.total_steps
     if not finished:
         train(config, workdir, resume=True)
-    log = workdir / "train_log.jsonl"
+    log = run.run_dir.train_log
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 

@@ -11,14 +11,14 @@ directory with ``jax`` alone.
 
 Every function takes images ``(B, H, W, 3)`` float32 RGB in 0-255 pixel units and
 applies the data set's normalisation ``(image - mean) / std`` itself; it returns
-float32 logits ``(B, num_classes)``. The state is the one evaluation uses (the
-calibrated statistics if they are of the latest training step, else the training
-checkpoint's running averages).
+float32 logits ``(B, num_classes)``. The state is the one evaluation uses
+(:func:`sdpoint_jax.training.run.restore_for_evaluation`: the calibrated statistics if
+they are of the latest training step, else the training checkpoint's running averages).
 
 ``DIR/manifest.json``::
 
     {"format": "sdpoint_jax.deploy.artifacts/1", "model", "dataset", "num_classes", "step",
-     "statistics" (which state), "bn_mode", "platforms",
+     "statistics" ("calibrated" or "running-average"), "bn_mode", "platforms",
      "input": {"shape": [null, H, W, 3], "dtype": "float32", "layout": "NHWC",
                "channels": "RGB", "pixel_range": [0, 255], "mean", "std",
                "normalisation": "(image - mean) / std, inside every function"},
@@ -27,10 +27,11 @@ checkpoint's running averages).
                     "top1_error", "top5_error", "evaluated_examples", "file"}, ...],
      "switchable": {"file", "levels": [names, cheapest first]}}
 
-The errors come from the run's ``results.json`` (``evaluate``) when it is newer than
-the checkpoint; otherwise they are ``null`` and a note says so. The directory is
-written next to ``DIR`` and renamed into place once complete; an existing ``DIR`` is
-never overwritten.
+The errors come from the run's ``results.json`` (``evaluate``) when it records the
+exported step and statistics; otherwise (also for a ``results.json`` of an earlier
+version, which records neither) they are ``null`` and a one-line note says why. The
+directory is written next to ``DIR`` and renamed into place once complete; an existing
+``DIR`` is never overwritten.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from sdpoint_jax.deploy.loader import FORMAT, MANIFEST
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.checkpoint import CheckpointManager
+from sdpoint_jax.training.run_dir import RunDir, Source
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -132,22 +134,31 @@ def check_platforms(text: str) -> tuple[str, ...]:
 
 
 def measured_errors(
-    workdir: Path, instances: Sequence[Instance], bn_mode: str, step: int
+    run_dir: RunDir, instances: Sequence[Instance], bn_mode: str, source: Source
 ) -> dict[Instance, dict[str, Any]]:
-    """``{instance: {"top1_error", "top5_error", "evaluated_examples"}}`` from
-    ``workdir/results.json`` when it is newer than step ``step``'s training checkpoint
-    and calibration; else ``{}``."""
-    from sdpoint_jax.evaluation.evaluate import RESULTS_JSON, read_results
-    from sdpoint_jax.evaluation.workflow import CALIBRATED
+    """``{instance: {"top1_error", "top5_error", "evaluated_examples"}}`` from the run's
+    ``results.json`` when it was computed from ``source``; else ``{}``, with a one-line
+    note saying why."""
+    from sdpoint_jax.evaluation.evaluate import read_results
 
-    path = workdir / RESULTS_JSON
-    states = [workdir / sub / str(step) for sub in ("checkpoints", CALIBRATED)]
-    state_time = max(p.stat().st_mtime for p in states if p.exists())
-    if not path.is_file() or path.stat().st_mtime < state_time:
+    path = run_dir.results_json
+    current = run_dir.is_current(path, source)
+    if not current:
+        if current is None:
+            why = "records no step (an earlier version wrote it; run `evaluate` again)"
+        elif not path.is_file():
+            why = "does not exist"
+        else:
+            recorded = run_dir.recorded_source(path)
+            why = f"is of step {recorded.step} with {recorded.statistics} statistics"
+        print(
+            f"note: {path} {why}, the export is of step {source.step} with "
+            f"{source.statistics} statistics: errors left null"
+        )
         return {}
     rows = {
         Instance(r["point"], r["ratio"]): r
-        for r in read_results(workdir)
+        for r in read_results(run_dir.path)
         if r["bn_mode"] == bn_mode
     }
     return {
@@ -243,7 +254,7 @@ def run_config(
 
     if config_spec is not None:
         return load_config(config_spec, data_dir)
-    checkpoints = workdir / "checkpoints"
+    checkpoints = RunDir(workdir).checkpoints
     if not checkpoints.is_dir():
         raise FileNotFoundError(f"no trained run in {workdir}: {checkpoints} does not exist")
     with CheckpointManager(checkpoints) as manager:
@@ -262,27 +273,26 @@ def export_run(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> dict[str, Any]:
     """Exports ``instances`` (``"all"`` or ``"full,3:0.5"``) of the run in ``workdir``."""
-    from sdpoint_jax.analysis import restore_run
     from sdpoint_jax.data.pipeline import dataset_spec
+    from sdpoint_jax.training.run import restore_for_evaluation
 
-    workdir = Path(workdir)
-    run, state, source = restore_run(config, workdir)
+    run, state, source = restore_for_evaluation(config, workdir)
     chosen = run.model.space.parse_list(instances)
     if not chosen:
         raise ValueError(f"no instances to export in {instances!r}")
     model = run.model.clone(conv_lowering="xla")  # plain convolutions: any platform
-    step = int(state.step)
-    print(f"exporting {len(chosen)} instance(s) of step {step} ({source}) for {list(platforms)}")
+    print(
+        f"exporting {len(chosen)} instance(s) of step {source.step} ({source.describe()}) "
+        f"for {list(platforms)}"
+    )
     variables = jax.device_get(state.variables)
-    errors = measured_errors(workdir, chosen, config.bn_mode, step)
-    if not errors:
-        print(f"note: no results.json newer than step {step} in {workdir}; errors left null")
+    errors = measured_errors(run.run_dir, chosen, config.bn_mode, source)
     info = {
         "model": config.model,
         "dataset": config.dataset,
         "num_classes": model.num_classes,
-        "step": step,
-        "statistics": source,
+        "step": source.step,
+        "statistics": source.statistics,
         "bn_mode": config.bn_mode,
     }
     spec = dataset_spec(config.dataset)

@@ -51,9 +51,6 @@ from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
-CASCADE_CSV = "cascade.csv"
-CASCADE_JSON = "cascade.json"
-
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
 

@@ -6,14 +6,15 @@ kept alongside the per-instance ones during training). One pass over the evaluat
 batches evaluates every (bn mode, instance) pair; each pair is its own XLA program.
 
 Results are rows (dicts) with the fields of :data:`RESULT_FIELDS`, written as
-``results.csv`` and ``results.json`` by :func:`write_results`.
+``results.csv`` and ``results.json`` by :func:`write_results`. CSV tables
+(:func:`write_csv`) hold floats rounded to :data:`CSV_SIGNIFICANT_DIGITS` significant
+digits; JSON files keep full precision.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sdpoint_jax.core.norm import check_bn_mode
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.run_dir import RunDir, Source, read_rows_json, write_rows_json
 from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
 RESULT_FIELDS = (
@@ -44,8 +46,10 @@ RESULT_FIELDS = (
 """Fields of a result row: instance ``(point, ratio)``, GFLOPs per image and fraction of
 the full network's FLOPs, top-1/top-5 error in percent, bn mode, number of examples."""
 
-RESULTS_CSV = "results.csv"
-RESULTS_JSON = "results.json"
+CSV_SIGNIFICANT_DIGITS = 7
+"""Significant digits of a float in a CSV table: about what a float32 holds, which is
+what the models compute in; more would be noise."""
+
 BATCH_FIELDS = ("image", "label", "mask")
 
 Row = dict[str, Any]
@@ -178,9 +182,20 @@ def evaluate_instances(
     return rows
 
 
+def csv_value(value: Any) -> Any:
+    """``value`` as :func:`write_csv` writes it: a float (Python or NumPy) rounded to
+    :data:`CSV_SIGNIFICANT_DIGITS` significant digits, in its shortest form
+    (``41.559999999999995`` -> ``"41.56"``, ``1/3`` -> ``"0.3333333"``, non-finite
+    floats as ``"nan"``/``"inf"``); anything else unchanged."""
+    if not isinstance(value, float | np.floating):
+        return value
+    return repr(float(format(float(value), f".{CSV_SIGNIFICANT_DIGITS}g")))
+
+
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:
     """Writes ``rows`` as a CSV table to ``path`` (columns: the rows' keys in first-seen
-    order; missing values empty), creating its directory if needed."""
+    order; missing values empty; floats rounded by :func:`csv_value`), creating its
+    directory if needed."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
     path = Path(path)
@@ -189,30 +204,29 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({name: csv_value(value) for name, value in row.items()} for row in rows)
 
 
-def write_results(rows: Sequence[Row], directory: str | Path) -> None:
-    """Writes ``rows`` to ``directory/results.csv`` and ``directory/results.json``.
+def write_results(rows: Sequence[Row], directory: str | Path, source: Source) -> None:
+    """Writes ``rows``, computed from ``source``, to the run directory's ``results.csv``
+    and ``results.json`` (:func:`sdpoint_jax.training.run_dir.write_rows_json`).
 
     Columns are the fields of the rows in first-seen order; the directory is created
     if needed.
     """
     if not rows:
         raise ValueError("no result rows to write")
-    directory = Path(directory)
-    write_csv(rows, directory / RESULTS_CSV)
-    with open(directory / RESULTS_JSON, "w") as file:
-        json.dump(list(rows), file, indent=1)
-        file.write("\n")
+    run_dir = RunDir(directory)
+    write_csv(rows, run_dir.results_csv)
+    write_rows_json(run_dir.results_json, rows, source)
 
 
 def read_results(directory: str | Path) -> list[Row]:
-    """The rows written by :func:`write_results` (from ``results.json``, typed)."""
-    path = Path(directory) / RESULTS_JSON
+    """The rows written by :func:`write_results` (from ``results.json``, typed; also
+    the bare list of rows earlier versions wrote)."""
+    path = RunDir(directory).results_json
     if not path.is_file():
         raise FileNotFoundError(
             f"no evaluation results at {path}; run the evaluate command (or write_results) first"
         )
-    with open(path) as file:
-        return json.load(file)
+    return read_rows_json(path)[0]

@@ -1,11 +1,10 @@
 """The steps after training: calibrate BN per instance, evaluate every instance, choose.
 
-Each step reads and writes the run directory::
-
-    WORKDIR/checkpoints/   training checkpoints (``train``)
-    WORKDIR/calibrated/    the latest checkpoint with calibrated BN statistics
-    WORKDIR/results.{csv,json}, WORKDIR/cost_error.png   (``evaluate``)
-    WORKDIR/cascade.{csv,json}                           (``evaluate --cascade``)
+Each step reads and writes the run directory
+(:class:`sdpoint_jax.training.run_dir.RunDir`): ``calibrate`` writes ``calibrated/``,
+``evaluate`` writes ``results.{csv,json}`` and ``cost_error.png`` (and
+``cascade.{csv,json}`` with ``--cascade``), ``select`` reads ``results.json`` (and
+``latency.json`` with ``--budget-ms``).
 """
 
 from __future__ import annotations
@@ -20,15 +19,8 @@ import ml_collections
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.evaluation.calibrate import calibrate
-from sdpoint_jax.evaluation.cascade import (
-    CASCADE_CSV,
-    CASCADE_JSON,
-    evaluate_cascade,
-    format_cascade,
-)
+from sdpoint_jax.evaluation.cascade import evaluate_cascade, format_cascade
 from sdpoint_jax.evaluation.evaluate import (
-    RESULTS_CSV,
-    RESULTS_JSON,
     evaluate_instances,
     read_results,
     write_csv,
@@ -36,10 +28,8 @@ from sdpoint_jax.evaluation.evaluate import (
 )
 from sdpoint_jax.evaluation.plot import plot_cost_error
 from sdpoint_jax.evaluation.selection import select_instance
-from sdpoint_jax.training.run import Run, TrainState
-
-CALIBRATED = "calibrated"
-COST_ERROR_PNG = "cost_error.png"
+from sdpoint_jax.training.run import Run, TrainState, restore_for_evaluation
+from sdpoint_jax.training.run_dir import RunDir, write_rows_json
 
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -65,30 +55,15 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
     )
     variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
     calibrated = state.replace(batch_stats=variables["batch_stats"])
-    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
-        recalibrating = manager.latest_step() == step
-    if recalibrating:  # derived data: replace the earlier calibration of this step
-        shutil.rmtree(run.workdir / CALIBRATED / str(step))
-    with run.checkpoints(CALIBRATED, keep_last=1) as manager:
+    directory = run.run_dir.calibrated
+    if run.run_dir.calibrated_step() == step:  # derived data: replace this step's calibration
+        shutil.rmtree(directory / str(step))
+    with run.checkpoints(directory, keep_last=1) as manager:
         manager.save(
             step, {"state": calibrated, "draws": draws}, config=config.to_dict(), force=True
         )
-    print(f"saved calibrated statistics to {run.workdir / CALIBRATED}")
+    print(f"saved calibrated statistics to {directory}")
     return calibrated
-
-
-def state_for_evaluation(run: Run) -> tuple[TrainState, str]:
-    """The calibrated state if it belongs to the latest training step, else the
-    training checkpoint (running-average statistics)."""
-    with run.checkpoints() as manager:
-        latest = manager.latest_step()
-    with run.checkpoints(CALIBRATED) as manager:
-        calibrated = manager.latest_step()
-    if calibrated is not None and calibrated == latest:
-        return run.restore(CALIBRATED)[0], "calibrated statistics"
-    if calibrated is not None:
-        print(f"calibration is of step {calibrated}, training is at {latest}: not using it")
-    return run.restore()[0], "running-average statistics (run `calibrate` to calibrate)"
 
 
 def cascade_holdout(config: ml_collections.ConfigDict) -> str:
@@ -132,11 +107,14 @@ def evaluate_run(
     ``cost_error.png``. Returns the instance rows either way.
     """
     holdout = cascade_holdout(config) if cascade else None
-    run = Run.create(config, workdir)
-    state, source = state_for_evaluation(run)
+    run, state, source = restore_for_evaluation(config, workdir)
+    files = run.run_dir
     chosen = run.model.space.parse_list(instances)
     bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
-    print(f"evaluating {len(chosen)} instances x {bn_modes} at step {int(state.step)}, {source}")
+    print(
+        f"evaluating {len(chosen)} instances x {bn_modes} at step {source.step}, "
+        f"{source.describe()}"
+    )
 
     def batches(split: str | None) -> Iterator[dict]:
         return pipeline.eval_batches(
@@ -157,9 +135,9 @@ def evaluate_run(
         mesh=run.mesh,
         progress=True,
     )
-    write_results(rows, run.workdir)
+    write_results(rows, run.workdir, source)
     print(format_results(rows))
-    written = [RESULTS_CSV, RESULTS_JSON, COST_ERROR_PNG]
+    written = [files.results_csv, files.results_json, files.cost_error_png]
     curves = {}
     if cascade:
         print(f"cascade: thresholds fit on {holdout!r}, {config.budget_points} target costs")
@@ -175,18 +153,16 @@ def evaluate_run(
             mesh=run.mesh,
             progress=True,
         )
-        write_csv(cascade_rows, run.workdir / CASCADE_CSV)
-        with open(run.workdir / CASCADE_JSON, "w") as file:
-            json.dump(cascade_rows, file, indent=1)
-            file.write("\n")
+        write_csv(cascade_rows, files.cascade_csv)
+        write_rows_json(files.cascade_json, cascade_rows, source)
         print(format_cascade(cascade_rows))
-        written += [CASCADE_CSV, CASCADE_JSON]
+        written += [files.cascade_csv, files.cascade_json]
         stages = cascade_rows[0]["stages"].count(",") + 1
         label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN)"
         curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
     title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
-    plot_cost_error(rows, run.workdir / COST_ERROR_PNG, title=title, extra_curves=curves)
-    print(f"wrote {', '.join(written)} in {run.workdir}")
+    plot_cost_error(rows, files.cost_error_png, title=title, extra_curves=curves)
+    print(f"wrote {', '.join(path.name for path in written)} in {run.workdir}")
     return rows
 
 
@@ -214,7 +190,7 @@ def select_run(
     rows = read_results(workdir)
     latency_rows = None
     if budget_ms is not None:
-        path = Path(latency_file) if latency_file else Path(workdir) / "latency.json"
+        path = Path(latency_file) if latency_file else RunDir(workdir).latency_json
         if not path.is_file():
             raise FileNotFoundError(
                 f"--budget-ms needs a latency table, and {path} does not exist: measure one "

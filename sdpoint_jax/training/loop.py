@@ -44,6 +44,7 @@ from sdpoint_jax.evaluation.evaluate import evaluate_instances
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, PreemptionFlag
 from sdpoint_jax.training.run import Run, TrainState
+from sdpoint_jax.training.run_dir import RunDir
 from sdpoint_jax.training.schedules import ProgramKey, learning_rate_schedule
 from sdpoint_jax.training.steps import program_fingerprint, train_programs
 
@@ -91,7 +92,7 @@ def fit(
         program_fingerprint(config, run.trainee, run.steps_per_epoch),
         seed=config.seed,
     )
-    logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
+    logger = _MetricsLogger(run.run_dir, jax.process_index() == 0)
     if config.precompile:
         compile_start = time.perf_counter()
         programs.precompile(run.program_keys, workers=config.compile_workers)
@@ -183,11 +184,11 @@ def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
         latest = manager.latest_step()
     if latest is None:
         if resume:
-            print(f"no checkpoint in {run.workdir / 'checkpoints'} yet: starting fresh")
+            print(f"no checkpoint in {run.run_dir.checkpoints} yet: starting fresh")
         return run.initial_state(), run.initial_draws()
     if not resume:
         raise CheckpointError(
-            f"{run.workdir / 'checkpoints'} already holds a checkpoint (step {latest}); "
+            f"{run.run_dir.checkpoints} already holds a checkpoint (step {latest}); "
             f"pass --resume to continue it, or choose a new --workdir"
         )
     return run.restore()
@@ -245,14 +246,14 @@ class _TrainClock:
 
 
 class _MetricsLogger:
-    """Metrics to ``train_log.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
+    """Metrics to the run's ``train_log.jsonl`` and TensorBoard summaries."""
 
-    def __init__(self, workdir: Path, main: bool):
+    def __init__(self, run_dir: RunDir, main: bool):
         self.main = main
-        self._jsonl = (workdir / "train_log.jsonl").open("a") if main else None
+        self._jsonl = run_dir.train_log.open("a") if main else None
         self._tb = None
         if main:
-            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+            self._tb = tf.summary.create_file_writer(str(run_dir.tensorboard))
 
     def write(self, step: int, metrics: dict[str, float], key: ProgramKey | None) -> None:
         """One log row; ``key`` (the step's instance or low mode) goes in ``"instance"``."""

@@ -1,6 +1,6 @@
 """What every command that touches a run needs: its config, model, mesh, optimizer,
-initial state and checkpoints (:class:`Run`), and the :class:`TrainState` a train step
-reads and writes.
+initial state and checkpoints (:class:`Run`), the :class:`TrainState` a train step
+reads and writes, and the state evaluation uses (:func:`restore_for_evaluation`).
 
 Optimisation follows the papers: SGD with Nesterov momentum 0.9 and L2 weight decay
 on every parameter (added to the gradient, as PyTorch's ``weight_decay``), and a
@@ -26,6 +26,7 @@ from sdpoint_jax.data import pipeline
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, CheckpointManager
+from sdpoint_jax.training.run_dir import CALIBRATED, RunDir, Source
 from sdpoint_jax.training.schedules import (
     LowModeSchedule,
     learning_rate_schedule,
@@ -163,6 +164,10 @@ class Run:
         return getattr(self.trainee, "low_mode", None)
 
     @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.workdir)
+
+    @property
     def total_steps(self) -> int:
         return int(self.config.num_epochs * self.steps_per_epoch)
 
@@ -180,16 +185,19 @@ class Run:
         the space, and the low mode if on)."""
         return dict.fromkeys(self.trainee.draw_names(), 0)
 
-    def checkpoints(self, subdir: str = "checkpoints", **kwargs: Any) -> CheckpointManager:
-        return CheckpointManager(self.workdir / subdir, **kwargs)
+    def checkpoints(self, directory: Path | None = None, **kwargs: Any) -> CheckpointManager:
+        """A manager of ``directory`` (default: the training checkpoints)."""
+        return CheckpointManager(directory or self.run_dir.checkpoints, **kwargs)
 
     def initial_state(self) -> TrainState:
         state = initial_state(self.trainee, self.tx, self.image_size, self.config.seed)
         return parallel.replicate(state, self.mesh)
 
-    def restore(self, subdir: str = "checkpoints") -> tuple[TrainState, dict]:
-        """The latest checkpoint in ``workdir/subdir``, checked against this config."""
-        with self.checkpoints(subdir) as manager:
+    def restore(self, directory: Path | None = None) -> tuple[TrainState, dict]:
+        """The latest checkpoint in ``directory`` (default: the training checkpoints),
+        checked against this config."""
+        directory = directory or self.run_dir.checkpoints
+        with self.checkpoints(directory) as manager:
             checkpoint, saved_config, _ = manager.restore(self.checkpoint_template())
         # a key missing from an older checkpoint's config had its default value then
         defaults = base_config()
@@ -202,13 +210,43 @@ class Run:
         if changed:
             details = ", ".join(f"{k}: {saved[k]!r} -> {self.config.get(k)!r}" for k in changed)
             raise CheckpointError(
-                f"the checkpoint in {self.workdir / subdir} was written with a different "
+                f"the checkpoint in {directory} was written with a different "
                 f"config ({details}); use a new --workdir or the original config"
             )
         return checkpoint["state"], checkpoint["draws"]
 
     def checkpoint_template(self) -> dict[str, Any]:
         return {"state": self.initial_state(), "draws": self.initial_draws()}
+
+
+def restore_for_evaluation(
+    config: ml_collections.ConfigDict, workdir: str | Path
+) -> tuple[Run, TrainState, Source]:
+    """The run in ``workdir`` and the state evaluation, analyses and export use
+    (:meth:`RunDir.evaluation_source`): the calibrated statistics if they are of the
+    latest training step, else the latest training checkpoint's running averages.
+
+    Returns:
+      ``(run, state, source)``; ``source`` says which step and statistics ``state`` is.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no training checkpoint.
+      CheckpointError: the checkpoint is unreadable or of another config.
+    """
+    run_dir = RunDir(workdir)
+    current = run_dir.evaluation_source()
+    if current is None:
+        raise FileNotFoundError(
+            f"no trained run in {run_dir.path}: no checkpoint in {run_dir.checkpoints} (train "
+            f"one with `python -m sdpoint_jax.main train --config CFG --workdir {run_dir.path}`)"
+        )
+    calibrated = run_dir.calibrated_step()
+    if calibrated is not None and current.statistics != CALIBRATED:
+        print(f"calibration is of step {calibrated}, training is at {current.step}: not using it")
+    run = Run.create(config, workdir)
+    directory = run_dir.calibrated if current.statistics == CALIBRATED else run_dir.checkpoints
+    state, _ = run.restore(directory)
+    return run, state, Source(int(state.step), current.statistics)
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,11 +17,14 @@ from sdpoint_jax.deploy.artifacts import (
     check_platforms,
     export_instance,
     export_switchable,
+    measured_errors,
     write_export,
 )
 from sdpoint_jax.deploy.loader import load_exported
+from sdpoint_jax.evaluation.evaluate import write_results
 from sdpoint_jax.export import main
 from sdpoint_jax.models import create
+from sdpoint_jax.training.run_dir import RunDir, Source
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 SPEC = SPECS["cifar10"]
@@ -164,8 +167,9 @@ def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
         + ["--platforms", "cpu"]
     )
     assert manifest["step"] == 2 and manifest["model"] == "wrn-10-1"
-    assert "running-average" in manifest["statistics"]
-    assert "errors left null" in capsys.readouterr().out
+    assert manifest["statistics"] == "running-average"
+    assert "results.json does not exist" in capsys.readouterr().out
+    assert all(entry["top1_error"] is None for entry in manifest["instances"])
     loaded = load_exported(out)
     model = Run.create(config, workdir).model
     images = pixels(3, seed=3)
@@ -180,6 +184,29 @@ def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--workdir", str(workdir), "--out", str(out), "--platforms", "cpu"])
     assert "already exists" in capsys.readouterr().err
+
+    # errors come from results.json when it records the exported step and statistics
+    run_dir, source = RunDir(workdir), Source(2, "running-average")
+    full, cheap = Instance.full(), Instance(2, 0.5)
+    rows = [
+        {"point": 0, "ratio": 1.0, "top1_error": 40.0, "top5_error": 5.0, "examples": 16}
+        | {"bn_mode": mode}
+        for mode in ("instance", "uniform")
+    ]
+    rows[1]["top1_error"] = 45.0
+    write_results(rows, workdir, source)
+    expected = {full: {"top1_error": 40.0, "top5_error": 5.0, "evaluated_examples": 16}}
+    assert measured_errors(run_dir, [full, cheap], "instance", source) == expected
+    assert measured_errors(run_dir, [full], "uniform", source)[full]["top1_error"] == 45.0
+    assert capsys.readouterr().out == ""
+    calibrated = Source(2, "calibrated")
+    assert measured_errors(run_dir, [full], "instance", calibrated) == {}
+    assert "results.json is of step 2 with running-average statistics, the export is of " in (
+        capsys.readouterr().out
+    )
+    run_dir.results_json.write_text(json.dumps(rows))  # as an earlier version wrote it
+    assert measured_errors(run_dir, [full], "instance", source) == {}
+    assert "results.json records no step" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
     assert "no trained run in" in capsys.readouterr().err

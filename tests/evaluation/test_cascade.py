@@ -5,7 +5,6 @@ the same probabilities, and ``evaluate --cascade`` on a tiny run on real CIFAR-1
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ import pytest
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.budget import budgeted_stops
 from sdpoint_jax.evaluation.cascade import (
-    CASCADE_CSV,
-    CASCADE_JSON,
     Cascade,
     bucket_size,
     budget_targets,
@@ -28,6 +25,7 @@ from sdpoint_jax.evaluation.workflow import cascade_holdout, evaluate_run
 from sdpoint_jax.models import create
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.programs import enable_compilation_cache
+from sdpoint_jax.training.run_dir import RunDir, Source, read_rows_json
 from tests.conftest import needs_cifar10, random_variables, tiny_cifar10_config
 
 STAGES = [Instance(1, 0.5), Instance(2, 0.5), Instance.full()]
@@ -295,9 +293,12 @@ def test_evaluate_cascade_on_a_tiny_run(tmp_path):
     train(config, tmp_path, resume=False)
     rows = evaluate_run(config, tmp_path, "full,1:0.5,3:0.5", cascade=True)
     instance_rows = [r for r in rows if r["bn_mode"] == "instance"]
-    with open(tmp_path / CASCADE_CSV, newline="") as file:
+    run_dir = RunDir(tmp_path)
+    with open(run_dir.cascade_csv, newline="") as file:
         table = list(csv.DictReader(file))
-    cascade = json.loads((tmp_path / CASCADE_JSON).read_text())
+    cascade, source = read_rows_json(run_dir.cascade_json)
+    assert source == Source(run_dir.training_step(), "running-average")
+    assert run_dir.is_current(run_dir.cascade_json) and run_dir.is_current(run_dir.results_json)
     assert 1 <= len(cascade) == len(table) <= config.budget_points
     gflops = {str(Instance(r["point"], r["ratio"])): r["gflops"] for r in instance_rows}
     stages = cascade[0]["stages"].split(",")

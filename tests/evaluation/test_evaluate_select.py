@@ -10,7 +10,6 @@ import pytest
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.evaluate import (
     RESULT_FIELDS,
-    RESULTS_CSV,
     evaluate_instances,
     read_results,
     write_results,
@@ -20,6 +19,7 @@ from sdpoint_jax.evaluation.selection import pareto_front, select_instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.parallel import create_mesh
+from sdpoint_jax.training.run_dir import RunDir, Source
 from tests.conftest import HW, make_batches, random_variables
 
 PADDED = 3  # padding examples at the end of the last batch
@@ -144,12 +144,17 @@ def test_bad_arguments_raise_clear_errors(evaluated):
 
 def test_results_round_trip_and_missing_file(evaluated, tmp_path):
     rows = evaluated[-1]
-    write_results(rows, tmp_path / "run")
+    source = Source(5, "calibrated")
+    write_results(rows, tmp_path / "run", source)
     assert read_results(tmp_path / "run") == rows
-    with open(tmp_path / "run" / RESULTS_CSV, newline="") as file:
+    run_dir = RunDir(tmp_path / "run")
+    assert run_dir.recorded_source(run_dir.results_json) == source
+    with open(run_dir.results_csv, newline="") as file:
         table = list(csv.DictReader(file))
     assert list(table[0]) == list(RESULT_FIELDS)
-    assert [float(line["top1_error"]) for line in table] == [row["top1_error"] for row in rows]
+    # the CSV rounds to 7 significant digits, the JSON keeps every digit
+    errors = [float(line["top1_error"]) for line in table]
+    assert errors == pytest.approx([row["top1_error"] for row in rows], rel=5e-7, abs=0)
     with pytest.raises(FileNotFoundError, match=r"results\.json"):
         read_results(tmp_path / "missing")
 

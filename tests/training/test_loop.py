@@ -21,6 +21,7 @@ from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run, select_
 from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.programs import enable_compilation_cache
+from sdpoint_jax.training.run_dir import RunDir, Source
 from tests.conftest import (
     SHARED_DATA_DIR,
     TRAIN_SPLIT,
@@ -89,6 +90,9 @@ def test_calibrate_evaluate_select(uninterrupted):
     assert all(r["examples"] == 48 for r in rows)
     for name in ("results.csv", "results.json", "cost_error.png"):
         assert (workdir / name).stat().st_size > 0
+    run_dir = RunDir(workdir)
+    assert run_dir.recorded_source(run_dir.results_json) == Source(6, "calibrated")
+    assert run_dir.is_current(run_dir.calibrated) and run_dir.is_current(run_dir.results_json)
     budget = sorted(r["gflops"] for r in rows)[3]
     chosen = select_run(
         workdir, budget_gflops=budget, budget_ms=None, latency_file=None, batch=None
