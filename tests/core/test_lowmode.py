@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from test_train import losses, tiny_config
 
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.core.instance import Instance, InstanceSpace
@@ -39,6 +38,7 @@ from sdpoint_jax.training.schedules import (
 )
 from sdpoint_jax.training.steps import train_programs
 from tests.conftest import needs_cifar10
+from tests.training.test_loop import losses, tiny_config
 
 LOW = LowMode(2)
 
