@@ -3,6 +3,9 @@
 Every method sees the same data stream (``pipeline.train_batches`` with the config's seed),
 the same optimizer and learning-rate schedule (:func:`sdpoint_jax.training.loop.create_optimizer`)
 and the same number of steps; only :class:`~sdpoint_jax.compare.method.Method` differs.
+Train steps lower their convolutions by the config's ``conv_lowering``
+(:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`); evaluation programs
+run XLA's.
 Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
 every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
 method finished, skips straight to evaluation: nothing trained is lost. ``SIGTERM``
@@ -29,6 +32,7 @@ from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointManager, PreemptionFlag
 from sdpoint_jax.training.run import create_optimizer
+from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering, with_conv_lowering
 
 Row = dict[str, Any]
 
@@ -76,6 +80,7 @@ def train_method(
       Preempted: on ``SIGTERM``, after saving the current step.
     """
     spec = pipeline.dataset_spec(config.dataset)
+    lowering = resolve_conv_lowering(config.conv_lowering)
     steps_per_epoch = pipeline.steps_per_epoch(
         config.dataset, config.batch_size, config.data_dir, config.train_split
     )
@@ -115,10 +120,11 @@ def train_method(
         ):
             setting = method.train_setting(config.seed, step)
             if setting not in programs:
+                step_fn = functools.partial(
+                    _train_step, method=method, tx=tx, setting=setting, seed=config.seed
+                )
                 programs[setting] = jax.jit(
-                    functools.partial(
-                        _train_step, method=method, tx=tx, setting=setting, seed=config.seed
-                    ),
+                    with_conv_lowering(step_fn, lowering),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated),
                     donate_argnums=0,

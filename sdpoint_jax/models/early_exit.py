@@ -58,7 +58,6 @@ from sdpoint_jax.core.layers import Add, GlobalAvgPool, Relu, classifier
 from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.cost import CONV_TAPS, _layer_flops
 from sdpoint_jax.models.wrn import PreActBasicBlock, WideResNet
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 # Every BN layer is keyed as block 1 of a space with no points: it owns "full" and
 # "uniform" (see the module docstring).
@@ -163,7 +162,7 @@ class EarlyExitWRN(nn.Module, kw_only=True):
       ge: Gradient Equilibrium (:func:`ge_split` at every branch point).
       isc: Inline Subnetwork Collaboration (identity transfer of the previous exit's
         logits, gradient stopped).
-      bn_axis_name, bn_momentum, dtype, conv_lowering: as in
+      bn_axis_name, bn_momentum, dtype: as in
         :class:`~sdpoint_jax.models.base.SDPointModel`.
     """
 
@@ -175,7 +174,6 @@ class EarlyExitWRN(nn.Module, kw_only=True):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
-    conv_lowering: ConvLowering = "xla"
 
     @property
     def blocks_per_stage(self) -> int:
@@ -203,7 +201,6 @@ class EarlyExitWRN(nn.Module, kw_only=True):
             bn_axis_name=self.bn_axis_name,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
-            conv_lowering=self.conv_lowering,
         )
 
     @nn.compact

@@ -66,6 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         config.batch_size,
         run.image_size,
         program_fingerprint(config, run.model, run.steps_per_epoch),
+        conv_lowering=config.conv_lowering,
     )
     logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
     if config.precompile:
