@@ -20,7 +20,8 @@ DTYPES = ("float32", "bfloat16")
 class Target:
     """What a benchmark measures: a model, the data set fixing its input size and
     classes, the compute dtype (parameters stay float32) and the convolution lowering
-    (``"auto"``: the fast one for the backend)."""
+    of its train-step programs (``"auto"``: the fast one for the backend; inference
+    programs run XLA's convolutions)."""
 
     model_name: str
     dataset: str
@@ -43,7 +44,6 @@ class Target:
             self.model_name,
             num_classes=num_classes,
             dtype=jnp.dtype(self.dtype),
-            conv_lowering=resolve_conv_lowering(self.conv_lowering),
         )
 
     def fields(self) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """The train-step programs that the ``train`` and ``compile`` benchmarks measure.
 
 They are built exactly as training builds them (:func:`sdpoint_jax.training.steps.train_programs`:
-state replicated and donated, batch sharded over every device), with the paper's
-optimizer for the target's data set.
+state replicated and donated, batch sharded over every device, convolutions lowered
+by the target's ``conv_lowering``), with the paper's optimizer for the target's data
+set.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ class TrainSteps:
             state = parallel.replicate(zeros_like(state), mesh)
         fingerprint = repr((model, target, STEPS_PER_EPOCH)) if keep_executables else None
         programs = train_programs(
-            trainee, tx, state, mesh, batch_size, target.image_size, fingerprint
+            trainee,
+            tx,
+            state,
+            mesh,
+            batch_size,
+            target.image_size,
+            fingerprint,
+            conv_lowering=target.conv_lowering,
         )
         return cls(mesh, state, programs)

@@ -49,7 +49,6 @@ from jax import lax
 
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_ALPHA = 0.1
@@ -99,7 +98,6 @@ class EarlyExitMethod(Method):
       depth, width, num_classes: the WRN (``depth = 6n + 4``).
       ge, isc, ofa: the IMTA techniques (module docstring).
       temperature, alpha: OFA's ``T > 0`` and distillation weight in ``[0, 1]``.
-      conv_lowering: see :mod:`sdpoint_jax.xla_cpu.conv_lowering`.
       name: default ``"ee"`` followed by the enabled techniques, e.g. ``"ee-ge-isc-ofa"``.
     """
 
@@ -114,16 +112,13 @@ class EarlyExitMethod(Method):
         ofa: bool = False,
         temperature: float = DEFAULT_TEMPERATURE,
         alpha: float = DEFAULT_ALPHA,
-        conv_lowering: ConvLowering = "xla",
         name: str | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.model = early_exit_wrn(
-            depth, width, num_classes, ge=ge, isc=isc, conv_lowering=conv_lowering
-        )
+        self.model = early_exit_wrn(depth, width, num_classes, ge=ge, isc=isc)
         self.ofa = ofa
         self.temperature = temperature
         self.alpha = alpha

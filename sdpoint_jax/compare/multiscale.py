@@ -69,7 +69,7 @@ class MultiscaleMethod(Method):
       antialias: antialiased downsampling in :func:`jax.image.resize` (default off,
         plain bilinear interpolation as in the paper).
       name: the method's name in ``compare.csv``.
-      **model_kwargs: further model fields (``dtype``, ``conv_lowering``, ...);
+      **model_kwargs: further model fields (``dtype``, ...);
         ``bn_mode`` is always ``"uniform"``.
     """
 

@@ -21,37 +21,34 @@ from sdpoint_jax.compare.multiscale import MultiscaleMethod
 from sdpoint_jax.compare.regularised import RegularisedMethod
 from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.data.specs import dataset_spec
-from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering
 
-Builder = Callable[[ml_collections.ConfigDict, int, str], Method]
+Builder = Callable[[ml_collections.ConfigDict, int], Method]
 
 
 def _sdpoint(sdpoint: bool) -> Builder:
-    def build(config: ml_collections.ConfigDict, num_classes: int, lowering: str) -> Method:
+    def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
         return SDPointMethod(
             config.model,
             num_classes,
             sdpoint=sdpoint,
             ratios=tuple(config.ratios),
-            conv_lowering=lowering,
         )
 
     return build
 
 
-def _multiscale(config: ml_collections.ConfigDict, num_classes: int, lowering: str) -> Method:
+def _multiscale(config: ml_collections.ConfigDict, num_classes: int) -> Method:
     return MultiscaleMethod(
         config.model,
         num_classes,
         min_size=config.ms_min_size,
         max_size=config.ms_max_size,
         name="ms",
-        conv_lowering=lowering,
     )
 
 
 def _early_exits(techniques: bool) -> Builder:
-    def build(config: ml_collections.ConfigDict, num_classes: int, lowering: str) -> Method:
+    def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
         match = re.fullmatch(r"wrn-(\d+)-(\d+)", config.model)
         if not match:
             raise ValueError(f"early exits are built on a WRN (wrn-D-W), got {config.model!r}")
@@ -64,20 +61,18 @@ def _early_exits(techniques: bool) -> Builder:
             ofa=techniques,
             temperature=config.ofa_temperature,
             alpha=config.ofa_alpha,
-            conv_lowering=lowering,
         )
 
     return build
 
 
 def _regularised(option: str, name: str) -> Builder:
-    def build(config: ml_collections.ConfigDict, num_classes: int, lowering: str) -> Method:
+    def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
         return RegularisedMethod(
             config.model,
             num_classes,
             **{option: config[option]},
             name=name,
-            conv_lowering=lowering,
         )
 
     return build
@@ -100,4 +95,4 @@ def build_method(name: str, config: ml_collections.ConfigDict) -> Method:
     if name not in BUILDERS:
         raise ValueError(f"unknown comparison method {name!r}; choose from {sorted(BUILDERS)}")
     num_classes = dataset_spec(config.dataset).num_classes
-    return BUILDERS[name](config, num_classes, resolve_conv_lowering(config.conv_lowering))
+    return BUILDERS[name](config, num_classes)

@@ -43,7 +43,7 @@ class RegularisedMethod(Method):
         linear decay), in ``[0, 1)``.
       name: the method's name in ``compare.csv``; default ``"dropout"``,
         ``"stochastic_depth"`` or ``"dropout+stochastic_depth"`` after the options set.
-      **model_kwargs: further model fields (``dtype``, ``conv_lowering``, ...);
+      **model_kwargs: further model fields (``dtype``, ...);
         ``bn_mode`` is always ``"uniform"``.
 
     Raises:

@@ -43,12 +43,9 @@ class SDPointMethod(Method):
         sdpoint: bool = True,
         bn_modes: Sequence[str] = ("instance", "uniform"),
         ratios: tuple[float, ...] = DEFAULT_RATIOS,
-        conv_lowering: str = "xla",
         name: str | None = None,
     ) -> None:
-        self.model = create(
-            model_name, num_classes=num_classes, ratios=ratios, conv_lowering=conv_lowering
-        )
+        self.model = create(model_name, num_classes=num_classes, ratios=ratios)
         self.sdpoint = sdpoint
         self.bn_modes = tuple(bn_modes) if sdpoint else ("instance",)
         self.name = name or ("sdpoint" if sdpoint else "baseline")

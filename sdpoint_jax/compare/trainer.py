@@ -4,6 +4,9 @@ Every method is trained by the project's one training loop
 (:func:`sdpoint_jax.training.loop.fit`): the same data stream, optimizer, learning-rate
 schedule, number of steps and seed; only :class:`~sdpoint_jax.compare.method.Method`
 differs.
+Train steps lower their convolutions by the config's ``conv_lowering``
+(:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`); evaluation programs
+run XLA's.
 Each method's variables are checkpointed in ``OUT/<method>/checkpoints`` (atomically,
 every ``checkpoint_every_steps`` and at the end), and a rerun resumes or, when the
 method finished, skips straight to evaluation: nothing trained is lost. ``SIGTERM``

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdpoint_jax.core.convolution import conv_general_dilated
 from sdpoint_jax.core.lowmode import DownsampledKernelConv
 from sdpoint_jax.core.pooling import adaptive_avg_pool, adaptive_max_pool
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering, conv_matmul_grad
 
 PoolKind = Literal["avg", "max"]
 
@@ -34,25 +34,19 @@ def conv(
     groups: int = 1,
     use_bias: bool = False,
     dtype: Any = None,
-    lowering: ConvLowering = "xla",
     kernel_ratio: int | None = None,
     name: str | None = None,
 ) -> nn.Conv:
     """A ``kernel x kernel`` convolution padded like PyTorch's ``padding=kernel // 2``.
 
-    ``lowering="matmul_grad"`` differentiates it through matrix products over its patch
-    matrix (fast on XLA:CPU, see :mod:`sdpoint_jax.xla_cpu.conv_lowering`); parameters are the
-    same.
+    It convolves with :func:`sdpoint_jax.core.convolution.conv_general_dilated`, lowered as
+    the program being traced says (e.g. through matrix products over its patch matrix
+    in CPU training programs, :mod:`sdpoint_jax.xla_cpu.conv_lowering`).
     ``kernel_ratio=r`` (low mode) convolves with the kernel average-pooled by ``r``
     (:class:`sdpoint_jax.core.lowmode.DownsampledKernelConv`, padded for the smaller
     kernel); the parameter is still the full-size kernel.
     """
-    if kernel_ratio is not None:
-        hook = DownsampledKernelConv(kernel_ratio, lowering)
-    elif lowering == "matmul_grad":
-        hook = conv_matmul_grad
-    else:
-        hook = None
+    hook = conv_general_dilated if kernel_ratio is None else DownsampledKernelConv(kernel_ratio)
     pad = kernel // 2
     return nn.Conv(
         features,

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering, conv_matmul_grad
+from sdpoint_jax.core.convolution import conv_general_dilated
 
 RESIZE_METHODS: tuple[str, ...] = ("gaussian", "bilinear")
 
@@ -170,16 +170,15 @@ class DownsampledKernelConv:
     :func:`downsample_kernel` and convolves with PyTorch-style padding ``K' // 2`` on
     each side (the ``padding`` the module passes, meant for the full kernel, is
     replaced). Strides and grouping are the module's. Expects Flax's ``NHWC`` /
-    ``HWIO`` layout and no dilation.
+    ``HWIO`` layout and no dilation. The convolution itself is
+    :func:`sdpoint_jax.core.convolution.conv_general_dilated`, lowered as the program
+    being traced says.
 
     Attributes:
       ratio: the low-mode ratio ``r``.
-      lowering: ``"xla"`` or ``"matmul_grad"`` for the convolution itself (see
-        :mod:`sdpoint_jax.xla_cpu.conv_lowering`).
     """
 
     ratio: int
-    lowering: ConvLowering = "xla"
 
     def kernel_size(self, kernel_size: Sequence[int]) -> tuple[int, ...]:
         """The kernel size the convolution runs with."""
@@ -204,8 +203,7 @@ class DownsampledKernelConv:
             raise ValueError("low-mode kernels support undilated convolutions only")
         small = downsample_kernel(rhs, self.ratio)
         pads = tuple((k // 2, k // 2) for k in small.shape[:2])
-        conv = conv_matmul_grad if self.lowering == "matmul_grad" else lax.conv_general_dilated
-        return conv(
+        return conv_general_dilated(
             lhs,
             small,
             window_strides,

@@ -9,8 +9,8 @@ Architectures number their downsampling points ``1..N`` in forward order and cal
   downsampling layer (the ImageNet stem's 3x3/2 max pool): when active, the fixed
   layer is replaced by adaptive pooling of the same kind to
   ``round(r * size the fixed layer would produce)``, as in the authors' code;
-* ``ctx.conv(features, kernel, stride)`` for every convolution (the pass's dtype and
-  convolution lowering); ``low_mode_eligible=True`` marks the convolutions whose
+* ``ctx.conv(features, kernel, stride)`` for every convolution (in the pass's dtype);
+  ``low_mode_eligible=True`` marks the convolutions whose
   kernels low mode downsamples;
 * ``ctx.norm(block)`` for every batch-norm layer, ``block`` being the index of the
   point that ends the layer's building block (``N + 1`` after the last point);
@@ -43,7 +43,6 @@ from sdpoint_jax.core.layers import AdaptivePool, Pool, conv
 from sdpoint_jax.core.lowmode import LowMode, downsample_images
 from sdpoint_jax.core.norm import KeyedBatchNorm, check_bn_mode, layer_keys, statistics_key
 from sdpoint_jax.core.pooling import downsampled_hw
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,6 @@ class SDPointContext:
       bn_axis_name: optional mapped axis to average batch statistics over.
       bn_momentum: running-statistics momentum (0 stores the last batch's moments).
       dtype: compute dtype of convolutions and normalised activations.
-      conv_lowering: ``"xla"`` or ``"matmul_grad"`` (see :mod:`sdpoint_jax.xla_cpu.conv_lowering`).
       low_mode: run this pass in low mode (see the module docstring); None: full mode.
     """
 
@@ -69,7 +67,6 @@ class SDPointContext:
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = None
-    conv_lowering: ConvLowering = "xla"
     low_mode: LowMode | None = None
 
     def __post_init__(self) -> None:
@@ -108,7 +105,8 @@ class SDPointContext:
         low_mode_eligible: bool = False,
         name: str | None = None,
     ) -> nn.Conv:
-        """A PyTorch-padded convolution in this pass's dtype and lowering.
+        """A PyTorch-padded convolution in this pass's dtype
+        (:func:`sdpoint_jax.core.layers.conv`).
 
         ``low_mode_eligible``: in low mode the convolution runs with its kernel
         average-pooled by the low-mode ratio (:func:`sdpoint_jax.core.lowmode.downsample_kernel`,
@@ -122,7 +120,6 @@ class SDPointContext:
             groups=groups,
             use_bias=use_bias,
             dtype=self.dtype,
-            lowering=self.conv_lowering,
             kernel_ratio=self.low_mode.ratio if low else None,
             name=name,
         )

@@ -12,7 +12,6 @@ from sdpoint_jax.core.instance import DEFAULT_RATIOS, Instance, InstanceSpace
 from sdpoint_jax.core.layers import GlobalAvgPool, classifier
 from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.core.points import SDPointContext
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 
 class SDPointModel(nn.Module, kw_only=True):
@@ -32,9 +31,9 @@ class SDPointModel(nn.Module, kw_only=True):
       bn_axis_name: mapped axis to average BN batch statistics over (``shard_map``).
       bn_momentum: BN running-statistics momentum (0.9 = PyTorch's 0.1).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-      conv_lowering: ``"xla"`` (default) or ``"matmul_grad"`` (training through
-        matrix products over patch matrices, fast on CPU; see
-        :mod:`sdpoint_jax.xla_cpu.conv_lowering`).
+
+    How convolutions are lowered is decided where a program is built, not by the model
+    (:mod:`sdpoint_jax.core.convolution`).
     """
 
     num_classes: int = 10
@@ -43,7 +42,6 @@ class SDPointModel(nn.Module, kw_only=True):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
-    conv_lowering: ConvLowering = "xla"
 
     supports_low_mode: ClassVar[bool] = False
     """Whether ``__call__`` takes ``low_mode`` (the architecture marks the convolutions
@@ -78,7 +76,6 @@ class SDPointModel(nn.Module, kw_only=True):
             bn_axis_name=self.bn_axis_name,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
-            conv_lowering=self.conv_lowering,
             low_mode=low_mode,
         )
 

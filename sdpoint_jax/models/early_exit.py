@@ -60,7 +60,6 @@ from sdpoint_jax.core.norm import FIRST_BLOCK
 from sdpoint_jax.core.points import SDPointContext
 from sdpoint_jax.models.cost import CONV_TAPS, _layer_flops
 from sdpoint_jax.models.wrn import PreActBasicBlock, WideResNet
-from sdpoint_jax.xla_cpu.conv_lowering import ConvLowering
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -161,7 +160,7 @@ class EarlyExitWRN(nn.Module, kw_only=True):
       ge: Gradient Equilibrium (:func:`ge_split` at every branch point).
       isc: Inline Subnetwork Collaboration (identity transfer of the previous exit's
         logits, gradient stopped).
-      bn_axis_name, bn_momentum, dtype, conv_lowering: as in
+      bn_axis_name, bn_momentum, dtype: as in
         :class:`~sdpoint_jax.models.base.SDPointModel`.
     """
 
@@ -173,7 +172,6 @@ class EarlyExitWRN(nn.Module, kw_only=True):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
-    conv_lowering: ConvLowering = "xla"
 
     @property
     def blocks_per_stage(self) -> int:
@@ -201,7 +199,6 @@ class EarlyExitWRN(nn.Module, kw_only=True):
             bn_axis_name=self.bn_axis_name,
             bn_momentum=self.bn_momentum,
             dtype=self.dtype,
-            conv_lowering=self.conv_lowering,
         )
 
     @nn.compact

@@ -90,6 +90,7 @@ def fit(
         config.batch_size,
         run.image_size,
         program_fingerprint(config, run.trainee, run.steps_per_epoch),
+        conv_lowering=config.conv_lowering,
         seed=config.seed,
     )
     logger = _MetricsLogger(run.run_dir, jax.process_index() == 0)

@@ -33,7 +33,6 @@ from sdpoint_jax.training.schedules import (
     low_mode_schedule,
 )
 from sdpoint_jax.training.trainee import SDPointTrainee, Setting, Trainee
-from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering
 
 # Config entries that must not change when a run is resumed.
 RESUME_INVARIANTS = (
@@ -81,7 +80,6 @@ def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
         ratios=tuple(config.ratios),
         bn_mode=config.bn_mode,
         dtype=jnp.dtype(config.dtype),
-        conv_lowering=resolve_conv_lowering(config.conv_lowering),
     )
 
 

@@ -21,9 +21,10 @@ from jax.sharding import Mesh
 
 from sdpoint_jax.core.norm import merge_statistics
 from sdpoint_jax.training import parallel
-from sdpoint_jax.training.programs import InstancePrograms, executable_cache
+from sdpoint_jax.training.programs import ExecutableCache, InstancePrograms, executable_cache
 from sdpoint_jax.training.run import TrainState
 from sdpoint_jax.training.trainee import Setting, Trainee, step_key
+from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering, with_conv_lowering
 
 
 def gradient_step(
@@ -155,20 +156,28 @@ def train_programs(
     batch_size: int,
     image_size: int,
     fingerprint: str | None = None,
+    *,
+    conv_lowering: str,
     seed: int = 0,
 ) -> TrainPrograms:
     """Train steps of ``trainee`` keyed by setting (for SDPoint an instance, or a low
     mode of the full instance): state replicated (and donated), batch sharded on the
     mesh's data axis; step ``s`` draws its randomness from ``(seed, s)``.
+
+    ``conv_lowering`` (one of :data:`sdpoint_jax.xla_cpu.conv_lowering.CONV_LOWERINGS`,
+    ``"auto"`` resolved for the default backend) lowers the convolutions of the
+    gradient programs (:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`).
     With a ``fingerprint`` (of everything ``trainee`` and ``tx`` depend on, e.g.
     :func:`program_fingerprint`) and the persistent compilation cache on, compiled
-    programs are also kept across runs (:func:`sdpoint_jax.training.programs.executable_cache`)."""
+    programs are also kept across runs (:func:`sdpoint_jax.training.programs.executable_cache`),
+    the gradient programs under ``fingerprint`` and the resolved lowering."""
+    lowering = resolve_conv_lowering(conv_lowering)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def build_gradients(key: Setting):
         step = functools.partial(gradient_step, trainee=trainee, setting=key, seed=seed)
         return jax.jit(
-            step,
+            with_conv_lowering(step, lowering),
             in_shardings=(replicated, replicated, batch_sharding, replicated),
             out_shardings=replicated,
             donate_argnums=1,  # the statistics; the parameters go on to the update
@@ -188,8 +197,10 @@ def train_programs(
         ),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
     }
-    executables = None if fingerprint is None else executable_cache(fingerprint)
     state = abstract_like(state, replicated)
+    lowered_fingerprint = (
+        None if fingerprint is None else f"{fingerprint}\nconv_lowering={lowering}"
+    )
 
     def gradient_args(key: Setting) -> tuple:
         trained = trainee.trained_statistics(state.batch_stats, key)
@@ -197,11 +208,22 @@ def train_programs(
 
     return TrainPrograms(
         trainee=trainee,
-        gradients=InstancePrograms(build_gradients, gradient_args, "train steps", executables),
+        gradients=InstancePrograms(
+            build_gradients,
+            gradient_args,
+            "train steps",
+            _executables(lowered_fingerprint),
+        ),
         update=InstancePrograms(
-            build_update, (state, state.params), "parameter update", executables
+            build_update, (state, state.params), "parameter update", _executables(fingerprint)
         ),
     )
+
+
+def _executables(fingerprint: str | None) -> ExecutableCache | None:
+    """The executable cache for programs described by ``fingerprint`` (None without
+    one)."""
+    return None if fingerprint is None else executable_cache(fingerprint)
 
 
 # Config entries that do not change a train-step program.
@@ -225,7 +247,8 @@ def program_fingerprint(
 ) -> str:
     """What the train-step programs of a run depend on: the trainee (its model), the
     config (but :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate
-    schedule)."""
+    schedule). :func:`train_programs` adds the resolved convolution lowering (the
+    config may say ``"auto"``)."""
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAMS}
     config_text = json.dumps(fields, sort_keys=True, default=list)
     return "\n".join([repr(trainee), config_text, str(steps_per_epoch)])

@@ -31,21 +31,49 @@ input channels up to about 32, so the matrix product is used for every 1x1
 convolution and where ``height * width * out_channels * min(in_channels, 32)`` is at
 least :data:`MIN_GRADIENT_WORK` (that of 32x32, 16->32); smaller ones stay with XLA.
 
-Selected per model with ``conv_lowering`` (see :data:`CONV_LOWERINGS`); ``"auto"``
-picks ``"matmul_grad"`` on CPU and ``"xla"`` on GPU/TPU, whose convolution gradients
-are already fast.
+The lowering is a compile-time policy of a program, set where the program is built:
+:func:`with_conv_lowering` wraps the function given to ``jax.jit`` so that, while it
+is traced, every layer's convolution
+(:func:`sdpoint_jax.core.convolution.conv_general_dilated`) runs the chosen
+implementation. Training programs take theirs from the run's ``conv_lowering``
+(:data:`CONV_LOWERINGS`; ``"auto"`` picks ``"matmul_grad"`` on CPU and ``"xla"`` on
+GPU/TPU, whose convolution gradients are already fast); inference, evaluation and
+calibration programs differentiate nothing and set none, so they run XLA's
+convolutions (the patch matrices would only matter for gradients). Models carry no
+lowering, and the same model builds both kinds of program. Since the lowering is not
+in the model, a cache of compiled programs must key on it
+(:func:`sdpoint_jax.training.steps.train_programs` does).
+
+Why a context variable read at trace time, installed inside the traced function:
+the choice then reaches every convolution of any architecture (also the low-mode
+convolutions, whose hook pools the kernel first) without a field on models,
+contexts or layers, and the traced program is exactly the one that a lowering field
+gave (same operations, only source locations in the metadata differ). Installing it
+inside the function, not around the call that compiles it, makes it hold on the
+compile threads of :meth:`sdpoint_jax.training.programs.InstancePrograms.precompile`
+(context variables do not cross threads). Flax's ``nn.intercept_methods`` could swap
+``nn.Conv``'s hook instead, but it intercepts module methods, not the hook, so it
+would rebuild every convolution module during tracing and would have to compose with
+the low-mode hook. The dependency is one-way: :mod:`sdpoint_jax.core` holds the
+entry point and the switch and imports no backend; this module provides the
+implementation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sdpoint_jax.core.convolution import ConvFunction, conv_implementation
+
 ConvLowering = Literal["xla", "matmul_grad"]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 CONV_LOWERINGS: tuple[str, ...] = ("auto", "xla", "matmul_grad")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_GRADIENT_WORK = 32 * 32 * 32 * 16
@@ -194,6 +222,35 @@ def conv_matmul_grad(
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     return _make_conv(tuple(lhs.shape), strides, pads, precision)(lhs, rhs)
+
+
+_IMPLEMENTATIONS: dict[str, ConvFunction] = {
+    "xla": lax.conv_general_dilated,
+    "matmul_grad": conv_matmul_grad,
+}
+
+
+def with_conv_lowering(fn: Callable[_P, _R], lowering: str) -> Callable[_P, _R]:
+    """``fn`` with every layer convolution it runs lowered by ``lowering`` (one of
+    :data:`CONV_LOWERINGS`; ``"auto"`` resolved now, for the default backend).
+
+    Wrap the function that ``jax.jit`` traces, ``jax.jit(with_conv_lowering(step,
+    "matmul_grad"))``: the lowering then holds on whichever thread traces it (module
+    docstring). The wrapper has ``fn``'s signature (for ``jax.jit``'s static
+    arguments) and name (the program's), also when ``fn`` is a ``functools.partial``.
+    """
+    implementation = _IMPLEMENTATIONS[resolve_conv_lowering(lowering)]
+
+    @functools.wraps(fn)
+    def lowered(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with conv_implementation(implementation):
+            return fn(*args, **kwargs)
+
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    lowered.__name__ = getattr(inner, "__name__", lowered.__name__)
+    return lowered
 
 
 # XLA:CPU's YNNPACK library fusions, when allowed to absorb element-wise ops, fuse a

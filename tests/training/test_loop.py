@@ -131,7 +131,7 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
         state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
-        programs = train_programs(model, tx, state, mesh, 16, 32)
+        programs = train_programs(model, tx, state, mesh, 16, 32, conv_lowering="xla")
         states.append([])
         for batch, instance in zip(batches, instances):
             state, _ = programs[instance](state, parallel.shard_batch(batch, mesh))
@@ -261,7 +261,9 @@ def test_train_programs_compute_the_train_step_with_one_shared_update_program():
     tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
     mesh = parallel.create_mesh()
     initial = initial_state(model, tx, image_size=16, seed=0)
-    programs = train_programs(model, tx, parallel.replicate(initial, mesh), mesh, 8, 16)
+    programs = train_programs(
+        model, tx, parallel.replicate(initial, mesh), mesh, 8, 16, conv_lowering="xla"
+    )
     fused = jax.jit(functools.partial(train_step, trainee=model, tx=tx), static_argnames="setting")
     rng = np.random.default_rng(0)
     expected = jax.tree.map(np.array, initial)  # a copy: the programs consume their state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from sdpoint_jax.core.convolution import conv_general_dilated, conv_implementation
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.xla_cpu.conv_lowering import (
@@ -18,6 +20,7 @@ from sdpoint_jax.xla_cpu.conv_lowering import (
     inference_compiler_options,
     patch_matmuls_pay,
     resolve_conv_lowering,
+    with_conv_lowering,
 )
 from tests.conftest import init_variables
 
@@ -126,11 +129,11 @@ def _conv_shapes(model, variables, images, instance) -> list[tuple[tuple, tuple]
 def test_model_loss_gradients_equal_across_lowerings(instance):
     """The switch changes neither parameters nor (within float tolerance) the training
     gradients of a whole network."""
-    models = {name: create("wrn-10-4", conv_lowering=name) for name in ("xla", "matmul_grad")}
-    variables = init_variables(models["xla"], (32, 32), batch=2)
+    model = create("wrn-10-4")
+    variables = init_variables(model, (32, 32), batch=2)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
 
-    def loss_grads(model):
+    def loss_grads(lowering):
         def loss(params):
             logits, _ = model.apply(
                 {**variables, "params": params},
@@ -141,22 +144,60 @@ def test_model_loss_gradients_equal_across_lowerings(instance):
             )
             return jnp.sum(logits**2)
 
-        compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+        grad_fn = jax.jit(with_conv_lowering(jax.grad(loss), lowering))
+        compiled = grad_fn.lower(variables["params"]).compile()
         return compiled(variables["params"]), compiled.as_text().count(" convolution(")
 
-    (ours, our_convs), (ref, ref_convs) = (
-        loss_grads(models["matmul_grad"]),
-        loss_grads(models["xla"]),
-    )
+    (ours, our_convs), (ref, ref_convs) = loss_grads("matmul_grad"), loss_grads("xla")
     # Three convolutions fewer (forward, input and kernel gradients) per layer large
     # enough for the matrix products.
-    shapes = _conv_shapes(models["xla"], variables, images, instance)
+    shapes = _conv_shapes(model, variables, images, instance)
     large = sum(patch_matmuls_pay(x, kernel) for x, kernel in shapes)
     assert 0 < large < len(shapes)
     assert our_convs == ref_convs - 3 * large
     assert jax.tree.structure(ours) == jax.tree.structure(ref)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def _matmul_traced(fn, *args) -> bool:
+    """Whether tracing ``fn(*args)`` differentiates a convolution through the patch
+    matrix (its jaxpr holds the custom-gradient call)."""
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def _layer_conv(x, w, *, stride=1):
+    """A layer's convolution (the entry point every layer calls)."""
+    return conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=NHWC)
+
+
+def test_with_conv_lowering_lowers_the_convolutions_fn_traces():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((1, 1, 4, 4))  # 1x1: always the matrix product
+    assert not _matmul_traced(_layer_conv, x, w)
+    assert _matmul_traced(with_conv_lowering(_layer_conv, "matmul_grad"), x, w)
+    assert not _matmul_traced(with_conv_lowering(_layer_conv, "xla"), x, w)
+    assert _matmul_traced(with_conv_lowering(_layer_conv, "auto"), x, w) == (
+        jax.default_backend() == "cpu"
+    )
+    assert not _matmul_traced(_layer_conv, x, w)  # nothing left installed
+    with conv_implementation(conv_matmul_grad):  # the innermost choice wins
+        assert not _matmul_traced(with_conv_lowering(_layer_conv, "xla"), x, w)
+    lowered = with_conv_lowering(_layer_conv, "matmul_grad")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # traced on another thread
+        assert pool.submit(_matmul_traced, lowered, x, w).result()
+        with conv_implementation(conv_matmul_grad):  # a block does not reach the thread
+            assert not pool.submit(_matmul_traced, _layer_conv, x, w).result()
+
+
+def test_with_conv_lowering_keeps_name_and_signature_and_rejects_bad_names():
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 4, 4))
+    lowered = with_conv_lowering(functools.partial(_layer_conv, stride=2), "matmul_grad")
+    assert lowered.__name__ == "_layer_conv"
+    assert jax.jit(lowered).lower(x, w).as_text().startswith("module @jit__layer_conv")
+    static = jax.jit(with_conv_lowering(_layer_conv, "xla"), static_argnames="stride")
+    assert static(x, w, stride=2).shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"conv_lowering must be one of .*'im2col'"):
+        with_conv_lowering(_layer_conv, "im2col")
 
 
 def test_auto_resolves_by_backend_and_bad_names_are_rejected():
