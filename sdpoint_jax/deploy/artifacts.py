@@ -35,10 +35,6 @@ never overwritten.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-
 import json
 import shutil
 from collections.abc import Callable, Sequence
