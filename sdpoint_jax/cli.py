@@ -186,9 +186,11 @@ def parse(program: Program, flag_values: flags.FlagValues, argv: Sequence[str]) 
     """Parses ``argv`` into ``flag_values`` and checks it against ``program``; returns the
     command (``None`` for a program without commands). ``flags.Error`` or
     :class:`UsageError` for a usage error."""
+    # ml_collections' errors for a --config.FIELD override naming no field
+    unknown_field = (AttributeError, KeyError) if program.config_file is not None else ()
     try:
         positional = flag_values([program.prog, *argv])[1:]
-    except (AttributeError, KeyError) as err:  # a --config.FIELD override names no field
+    except unknown_field as err:
         raise UsageError(f"--config has no field {_innermost_message(err)}") from err
     if program.config_file is not None:
         _check_config_loaded(flag_values)
@@ -245,7 +247,7 @@ def run(program: Program, argv: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     flag_values = define_flags(program, argv)
     if _asked_for_help(argv):
-        print(help_text(program, flag_values, _named_command(program, argv)))
+        print(help_text(program, flag_values, _named_command(program, argv)), end="")
         sys.exit(0)
     try:
         name = parse(program, flag_values, argv)
