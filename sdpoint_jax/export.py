@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before TensorFlow loads
+    from sdpoint_jax.startup import start_program
+
+    start_program(__file__, host_memory=False)
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sdpoint_jax.cli import report_user_errors
+from absl import flags
+
+from sdpoint_jax import cli
 from sdpoint_jax.deploy.artifacts import (
     DEFAULT_PLATFORMS,
     PLATFORMS,
@@ -18,38 +24,49 @@ from sdpoint_jax.deploy.artifacts import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdpoint_jax.export",
-        description="Export trained SDPoint instances with jax.export.",
+def define_flags(flag_values: flags.FlagValues) -> None:
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "the trained run", **define)
+    flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5'", **define)
+    flags.DEFINE_string("out", None, "new output directory", **define)
+    flags.DEFINE_string(
+        "config",
+        None,
+        "config file (FILE or FILE:ARG); default: the one saved with the run",
+        **define,
     )
-    parser.add_argument("--workdir", type=Path, required=True, help="the trained run")
-    parser.add_argument(
-        "--instances", default="all", help="'all' or e.g. 'full,3:0.5' (default: %(default)s)"
+    flags.DEFINE_string("data-dir", None, "override the config's data_dir", **define)
+    flags.DEFINE_string(
+        "platforms",
+        ",".join(DEFAULT_PLATFORMS),
+        f"lower for these, a subset of {PLATFORMS}",
+        **define,
     )
-    parser.add_argument("--out", type=Path, required=True, help="new output directory")
-    parser.add_argument(
-        "--config", help="config file (FILE or FILE:ARG); default: the one saved with the run"
-    )
-    parser.add_argument("--data-dir", help="override the config's data_dir")
-    parser.add_argument(
-        "--platforms",
-        default=",".join(DEFAULT_PLATFORMS),
-        help=f"lower for these, a subset of {PLATFORMS} (default: %(default)s)",
-    )
-    return parser
 
 
-def _export_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    platforms = check_platforms(args.platforms)
-    config = run_config(args.workdir, args.config, args.data_dir)
-    return export_run(args.workdir, args.instances, args.out, config=config, platforms=platforms)
+def export(flag_values: flags.FlagValues) -> dict[str, Any]:
+    """Exports the chosen instances; returns the manifest."""
+    platforms = check_platforms(flag_values.platforms)
+    workdir = Path(flag_values.workdir)
+    config = run_config(workdir, flag_values.config, flag_values["data-dir"].value)
+    return export_run(
+        workdir, flag_values.instances, Path(flag_values.out), config=config, platforms=platforms
+    )
+
+
+PROGRAM = cli.Program(
+    module="sdpoint_jax.export",
+    description=__doc__,
+    define_flags=define_flags,
+    commands=cli.Command(export),
+    required=("workdir", "out"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parses ``argv`` (default: the command line) and exports; returns the manifest.
-    Bad input ends with ``error: ...`` and exit status 1."""
-    return report_user_errors(_export_from_args, build_parser().parse_args(argv))
+    """Runs the command line ``argv`` (default: this process's, without the program
+    name); returns the manifest."""
+    return cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,71 @@
 """``python -m sdpoint_jax.flops --model M [--dataset D] [--json]``: FLOPs and
-parameters of every SDPoint instance (:mod:`sdpoint_jax.models.cost`)."""
+parameters of every SDPoint instance (:mod:`sdpoint_jax.models.cost`), multiply and
+add counted separately."""
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before any library loads
+    from sdpoint_jax.startup import start_program
+
+    start_program(__file__, host_memory=False)
+
 import json
 from collections.abc import Sequence
 
-from sdpoint_jax.core.instance import Instance
+from absl import flags
+
+from sdpoint_jax import cli
 from sdpoint_jax.data.specs import SPECS
-from sdpoint_jax.models import create
-from sdpoint_jax.models.cost import count_flops, format_table, instance_costs
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdpoint_jax.flops",
-        description="FLOPs (multiply and add counted separately) of every SDPoint instance.",
+def define_flags(flag_values: flags.FlagValues) -> None:
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("model", None, "e.g. wrn-28-10, resnext-101-32x4d", **define)
+    flags.DEFINE_enum("dataset", "cifar10", sorted(SPECS), "fixes input size and classes", **define)
+    flags.DEFINE_integer(
+        "image-size", None, "override the data set's input size", lower_bound=1, **define
     )
-    parser.add_argument("--model", required=True, help="e.g. wrn-28-10, resnext-101-32x4d")
-    parser.add_argument("--dataset", choices=sorted(SPECS), default="cifar10")
-    parser.add_argument("--image-size", type=int, help="override the data set's input size")
-    parser.add_argument("--instances", default="all", help="'all' or e.g. 'full,3:0.5'")
-    parser.add_argument("--json", action="store_true", help="print one JSON row per instance")
-    args = parser.parse_args(argv)
+    flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5'", **define)
+    flags.DEFINE_bool("json", False, "print one JSON row per instance", **define)
 
-    spec = SPECS[args.dataset]
-    size, num_classes = args.image_size or spec.image_size, spec.num_classes
+
+def print_costs(flag_values: flags.FlagValues) -> None:
+    """Prints the table (or JSON rows) of every chosen instance's cost."""
+    from sdpoint_jax.core.instance import Instance
+    from sdpoint_jax.models import create
+    from sdpoint_jax.models.cost import count_flops, format_table, instance_costs
+
+    spec = SPECS[flag_values.dataset]
+    size = flag_values["image-size"].value or spec.image_size
     try:
-        model = create(args.model, num_classes=num_classes)
-        instances = model.space.parse_list(args.instances)
+        model = create(flag_values.model, num_classes=spec.num_classes)
+        instances = model.space.parse_list(flag_values.instances)
         costs = instance_costs(model, (size, size), instances)
     except ValueError as err:
-        parser.error(str(err))
+        raise cli.UsageError(str(err)) from err
     full = count_flops(model, Instance.full(), (size, size))
-    if args.json:
+    if flag_values.json:
         print(json.dumps([cost.as_row(full) for cost in costs], indent=1))
         return
     print(
-        f"{args.model} on {args.dataset} ({size}x{size}): N = {model.num_points} points, "
-        f"{costs[0].params / 1e6:.2f}M parameters"
+        f"{flag_values.model} on {flag_values.dataset} ({size}x{size}): "
+        f"N = {model.num_points} points, {costs[0].params / 1e6:.2f}M parameters"
     )
     print(format_table(costs, full))
+
+
+PROGRAM = cli.Program(
+    module="sdpoint_jax.flops",
+    description=__doc__,
+    define_flags=define_flags,
+    commands=cli.Command(print_costs),
+    required=("model",),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the command line ``argv`` (default: this process's, without the program name)."""
+    cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":

@@ -15,82 +15,106 @@ Any config field can be overridden: ``--config.num_epochs=10``,
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # before TensorFlow loads and any work
+    from sdpoint_jax.startup import start_program
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    start_program(__file__, host_memory=True)
 
-if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
+import functools
+from collections.abc import Sequence
+from typing import Any
 
-    restart_with_host_memory(__file__)
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
+from sdpoint_jax import cli
 
-from sdpoint_jax.cli import quiet_library_logs, report_user_errors
-from sdpoint_jax.training import parallel
-from sdpoint_jax.training.programs import enable_compilation_cache
-
-COMMANDS = ("train", "calibrate", "evaluate", "select", "all")
-
-config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
-flags.DEFINE_bool("resume", False, "train/all: continue from the latest checkpoint.")
-flags.DEFINE_string("instances", "all", "evaluate: 'all' or e.g. 'full,3:0.5,12:0.75'.")
-flags.DEFINE_bool(
-    "cascade",
-    False,
-    "evaluate/all: also a confidence cascade across the instances, thresholds fit on "
-    "config.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
-)
-flags.DEFINE_float("budget-gflops", None, "select: GFLOPs per image budget.")
-flags.DEFINE_float("budget-ms", None, "select: milliseconds per batch budget.")
-flags.DEFINE_string("latency", None, "select: latency table (default WORKDIR/latency.json).")
-flags.DEFINE_integer("batch", None, "select: batch size of the latency table to use.")
-FLAGS = flags.FLAGS
+STEPS = ("train", "calibrate", "evaluate")
 
 
-def run_command(command: str) -> None:
-    from sdpoint_jax.evaluation.workflow import (
-        calibrate_run,
-        cascade_holdout,
-        evaluate_run,
-        select_run,
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The flags besides ``--config`` (defined by :mod:`sdpoint_jax.cli`)."""
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).", **define)
+    flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint.", **define)
+    flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5,12:0.75'.", **define)
+    flags.DEFINE_bool(
+        "cascade",
+        False,
+        "Also a confidence cascade across the instances, thresholds fit on "
+        "config.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
+        **define,
     )
+    flags.DEFINE_float("budget-gflops", None, "GFLOPs per image budget.", **define)
+    flags.DEFINE_float("budget-ms", None, "Milliseconds per batch budget.", **define)
+    flags.DEFINE_string("latency", None, "Latency table (default WORKDIR/latency.json).", **define)
+    flags.DEFINE_integer("batch", None, "Batch size of the latency table to use.", **define)
+
+
+def run_steps(flag_values: flags.FlagValues, steps: Sequence[str]) -> None:
+    """Runs those of train, calibrate and evaluate that are in ``steps``, in that order."""
+    from sdpoint_jax.evaluation.workflow import calibrate_run, cascade_holdout, evaluate_run
     from sdpoint_jax.training.loop import train
+    from sdpoint_jax.training.programs import enable_compilation_cache
 
-    if command == "select":
-        select_run(
-            FLAGS.workdir,
-            budget_gflops=FLAGS["budget-gflops"].value,
-            budget_ms=FLAGS["budget-ms"].value,
-            latency_file=FLAGS.latency,
-            batch=FLAGS.batch,
-        )
-        return
-    config = FLAGS.config
-    if config is None:
-        raise app.UsageError(f"{command} needs --config=experiments/configs/NAME.py")
+    config, workdir = flag_values.config, flag_values.workdir
     enable_compilation_cache(config.compile_cache_dir)
-    if command == "all" and FLAGS.cascade:
+    if flag_values.cascade and "train" in steps and "evaluate" in steps:
         cascade_holdout(config)  # a missing holdout_split fails now, not after training
-    if command in ("train", "all"):
-        train(config, FLAGS.workdir, resume=FLAGS.resume)
-    if command in ("calibrate", "all"):
-        calibrate_run(config, FLAGS.workdir)
-    if command in ("evaluate", "all"):
-        evaluate_run(config, FLAGS.workdir, FLAGS.instances, cascade=FLAGS.cascade)
+    if "train" in steps:
+        train(config, workdir, resume=flag_values.resume)
+    if "calibrate" in steps:
+        calibrate_run(config, workdir)
+    if "evaluate" in steps:
+        evaluate_run(config, workdir, flag_values.instances, cascade=flag_values.cascade)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"give one command out of {', '.join(COMMANDS)}; got {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    quiet_library_logs()
-    parallel.initialize_distributed()
-    report_user_errors(run_command, argv[1])
+def select(flag_values: flags.FlagValues) -> dict:
+    """The best evaluated instance within the budget (printed and returned)."""
+    from sdpoint_jax.evaluation.workflow import select_run
+
+    return select_run(
+        flag_values.workdir,
+        budget_gflops=flag_values["budget-gflops"].value,
+        budget_ms=flag_values["budget-ms"].value,
+        latency_file=flag_values.latency,
+        batch=flag_values.batch,
+    )
+
+
+def _steps(*steps: str) -> cli.Command:
+    return cli.Command(functools.partial(run_steps, steps=steps), needs=("config",), trains=True)
+
+
+PROGRAM = cli.Program(
+    module="sdpoint_jax.main",
+    description=__doc__,
+    define_flags=define_flags,
+    commands={
+        "train": _steps("train"),
+        "calibrate": _steps("calibrate"),
+        "evaluate": _steps("evaluate"),
+        "select": cli.Command(select),
+        "all": _steps(*STEPS),
+    },
+    required=("workdir",),
+    only={
+        "resume": ("train", "all"),
+        "instances": ("evaluate", "all"),
+        "cascade": ("evaluate", "all"),
+        "budget-gflops": ("select",),
+        "budget-ms": ("select",),
+        "latency": ("select",),
+        "batch": ("select",),
+    },
+    config_file="Run configuration file",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Runs the command line ``argv`` (default: this process's, without the program
+    name); returns what the command returns (``select``: the chosen row)."""
+    return cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -4,43 +4,53 @@ target accuracies of the plain network, low mode, SDPoint and both
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # before TensorFlow loads and any work
+    from sdpoint_jax.startup import start_program
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    start_program(__file__, host_memory=True)
 
-if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
+from collections.abc import Sequence
+from typing import Any
 
-    restart_with_host_memory(__file__)
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from sdpoint_jax.compare.time_to_target import time_to_accuracy
+from sdpoint_jax import cli
 
 
-def main(argv: list[str]) -> None:
-    """The command line (flags defined by :func:`define_flags`)."""
-    from sdpoint_jax.cli import quiet_library_logs, report_user_errors
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """``--workdir`` (``--config`` is defined by :mod:`sdpoint_jax.cli`)."""
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Output directory (one subdirectory per setting).",
+        flag_values=flag_values,
+    )
+
+
+def measure(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
+    """Trains every setting (or reads its finished run back); returns the rows."""
+    from sdpoint_jax.compare.time_to_target import time_to_accuracy
     from sdpoint_jax.training.programs import enable_compilation_cache
 
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if len(argv) != 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if config is None or not workdir:
-        raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
-    quiet_library_logs()
-    enable_compilation_cache(config.compile_cache_dir)
-    report_user_errors(time_to_accuracy, config, workdir)
+    enable_compilation_cache(flag_values.config.compile_cache_dir)
+    return time_to_accuracy(flag_values.config, flag_values.workdir)
 
 
-def define_flags() -> None:
-    """``--config`` and ``--workdir`` (only when run as a program: importing this
-    module as a library defines no flags)."""
-    config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per setting).")
+PROGRAM = cli.Program(
+    module="sdpoint_jax.time_to_accuracy",
+    description=__doc__,
+    define_flags=define_flags,
+    commands=cli.Command(measure, trains=True),
+    required=("config", "workdir"),
+    config_file="Configuration file",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the command line ``argv`` (default: this process's, without the program
+    name); returns one row per setting."""
+    return cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

@@ -20,131 +20,136 @@ Cost-dependent difficulty of one SDPoint run::
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # before TensorFlow loads
+    from sdpoint_jax.startup import start_program
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    start_program(__file__, host_memory=False)
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import logging
+from absl import flags
 
-from sdpoint_jax.cli import report_user_errors
+from sdpoint_jax import cli
 from sdpoint_jax.config import load_config
 from sdpoint_jax.training.programs import enable_compilation_cache
 
 
-def _factors(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+class FactorsParser(flags.ArgumentParser):
+    """Comma-separated zoom factors, e.g. ``1,1.25``."""
+
+    def parse(self, argument: str | tuple[float, ...]) -> tuple[float, ...]:
+        if isinstance(argument, tuple):
+            return argument
+        try:
+            return tuple(float(part) for part in argument.split(","))
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers, got {argument!r}") from None
+
+    def flag_type(self) -> str:
+        return "comma-separated numbers"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def define_flags(flag_values: flags.FlagValues) -> None:
+    define = {"flag_values": flag_values}
+    flags.DEFINE_multi_string(
+        "config",
+        None,
+        "run config file, FILE or FILE:ARG (scale: once, or once per --workdir)",
+        **define,
+    )
+    flags.DEFINE_multi_string(
+        "workdir", None, "run directory (scale: repeat to compare runs)", **define
+    )
+    flags.DEFINE_string("out", None, "output directory", **define)
+    flags.DEFINE_integer(
+        "images", None, "first N test images only (default: all)", lower_bound=1, **define
+    )
+    flags.DEFINE_string("data-dir", None, "overrides the configs' data_dir", **define)
+    flags.DEFINE_multi_string(
+        "label", None, "name of each run in order (default: its workdir name)", **define
+    )
+    flags.DEFINE(
+        FactorsParser(),
+        "factors",
+        None,
+        "comma-separated zoom factors (default: the paper's pre-crop sizes 256..352 / 256)",
+        serializer=flags.CsvListSerializer(","),
+        **define,
+    )
+    flags.DEFINE_integer("top-k", 1, "top-k hits count as correct", lower_bound=1, **define)
+    flags.DEFINE_integer("examples", 8, "example images per group", lower_bound=1, **define)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdpoint_jax.analysis",
-        description="Analyses of trained SDPoint runs (paper Sect. 6.2.3, Fig. 5).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    scale = commands.add_parser(
-        "scale", help="scale sensitivity: cosine similarity of probabilities over 7 scales"
-    )
-    difficulty = commands.add_parser(
-        "difficulty", help="group test images by the cheapest instance that gets them right"
-    )
-    for command in (scale, difficulty):
-        repeated = command is scale
-        command.add_argument(
-            "--config",
-            action="append" if repeated else "store",
-            required=True,
-            help="run config file, FILE or FILE:ARG"
-            + (" (once, or once per --workdir)" if repeated else ""),
-        )
-        command.add_argument(
-            "--workdir",
-            action="append" if repeated else "store",
-            required=True,
-            type=Path,
-            help="run directory" + (" (repeat to compare runs)" if repeated else ""),
-        )
-        command.add_argument("--out", type=Path, required=True, help="output directory")
-        command.add_argument(
-            "--images", type=_positive, help="first N test images only (default: all)"
-        )
-        command.add_argument("--data-dir", help="overrides the configs' data_dir")
-    scale.add_argument(
-        "--label", action="append", help="name of each run in order (default: its workdir name)"
-    )
-    scale.add_argument(
-        "--factors",
-        type=_factors,
-        help="comma-separated zoom factors (default: the paper's pre-crop sizes 256..352 / 256)",
-    )
-    difficulty.add_argument(
-        "--top-k", type=_positive, default=1, help="top-k hits count as correct (default: 1)"
-    )
-    difficulty.add_argument(
-        "--examples", type=_positive, default=8, help="example images per group (default: 8)"
-    )
-    return parser
-
-
-def _scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
+def scale(flag_values: flags.FlagValues) -> list[dict]:
+    """Scale sensitivity of every ``--workdir``; returns the rows."""
     from sdpoint_jax.analysis.scale import DEFAULT_FACTORS, ScaleModel, scale_run
 
-    workdirs = args.workdir
-    if len(args.config) not in (1, len(workdirs)):
-        parser.error(f"give one --config or one per --workdir ({len(workdirs)})")
-    labels = args.label or [workdir.name for workdir in workdirs]
+    workdirs = [Path(workdir) for workdir in flag_values.workdir]
+    config_specs = flag_values.config
+    if len(config_specs) not in (1, len(workdirs)):
+        raise cli.UsageError(f"give one --config or one per --workdir ({len(workdirs)})")
+    labels = flag_values.label or [workdir.name for workdir in workdirs]
     if len(labels) != len(workdirs):
-        parser.error(f"give one --label per --workdir ({len(workdirs)}), or none")
-    specs = args.config * len(workdirs) if len(args.config) == 1 else args.config
+        raise cli.UsageError(f"give one --label per --workdir ({len(workdirs)}), or none")
+    specs = config_specs * len(workdirs) if len(config_specs) == 1 else config_specs
+    data_dir = flag_values["data-dir"].value
     models = [
-        ScaleModel(label, load_config(spec, args.data_dir), workdir)
+        ScaleModel(label, load_config(spec, data_dir), workdir)
         for label, spec, workdir in zip(labels, specs, workdirs, strict=True)
     ]
     enable_compilation_cache(models[0].config.compile_cache_dir)
-    return scale_run(models, args.out, images=args.images, factors=args.factors or DEFAULT_FACTORS)
-
-
-def _difficulty(args: argparse.Namespace) -> Any:
-    from sdpoint_jax.analysis.difficulty import difficulty_run
-
-    config = load_config(args.config, args.data_dir)
-    enable_compilation_cache(config.compile_cache_dir)
-    return difficulty_run(
-        config,
-        args.workdir,
-        args.out,
-        images=args.images,
-        top_k=args.top_k,
-        examples_per_group=args.examples,
+    return scale_run(
+        models,
+        Path(flag_values.out),
+        images=flag_values.images,
+        factors=flag_values.factors or DEFAULT_FACTORS,
     )
 
 
+def difficulty(flag_values: flags.FlagValues) -> Any:
+    """Cost-dependent difficulty of the one run; returns its ``DifficultyResult``."""
+    from sdpoint_jax.analysis.difficulty import difficulty_run
+
+    if len(flag_values.config) != 1 or len(flag_values.workdir) != 1:
+        raise cli.UsageError("difficulty takes one --config and one --workdir")
+    config = load_config(flag_values.config[0], flag_values["data-dir"].value)
+    enable_compilation_cache(config.compile_cache_dir)
+    return difficulty_run(
+        config,
+        Path(flag_values.workdir[0]),
+        Path(flag_values.out),
+        images=flag_values.images,
+        top_k=flag_values["top-k"].value,
+        examples_per_group=flag_values.examples,
+    )
+
+
+PROGRAM = cli.Program(
+    module="sdpoint_jax.analysis",
+    description=__doc__,
+    define_flags=define_flags,
+    commands={
+        "scale": cli.Command(scale),
+        "difficulty": cli.Command(difficulty),
+    },
+    required=("config", "workdir", "out"),
+    only={
+        "label": ("scale",),
+        "factors": ("scale",),
+        "top-k": ("difficulty",),
+        "examples": ("difficulty",),
+    },
+)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Parses ``argv`` (default: the command line) and runs the command; returns its
-    result: the scale rows, or the difficulty command's ``DifficultyResult``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "scale":
-        return _scale(args, parser)
-    return _difficulty(args)
+    """Runs the command line ``argv`` (default: this process's, without the program
+    name); returns the command's result: the scale rows, or the difficulty command's
+    ``DifficultyResult``."""
+    return cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":
-    logging.set_verbosity(logging.ERROR)  # keep library logs off the console
-    report_user_errors(main)
+    main()

@@ -1,50 +1,58 @@
 """``python -m sdpoint_jax.bench {latency,train,compile} --model M ...``; see
-:mod:`sdpoint_jax.bench`. ``--help`` after a command lists its options."""
+:mod:`sdpoint_jax.bench`. ``--help`` after a command describes it."""
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before any library loads and any work
+    from sdpoint_jax.startup import start_program
+
+    start_program(__file__, host_memory=True)
+
 from collections.abc import Sequence
 from typing import Any
 
-if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
+from absl import flags
 
-    restart_with_host_memory(__file__)
-
+import sdpoint_jax.bench
+from sdpoint_jax import cli
 from sdpoint_jax.bench import compile as compile_bench
-from sdpoint_jax.bench import latency, train
+from sdpoint_jax.bench import latency, options, train
 
 COMMANDS = {
-    "latency": (latency, "inference latency of every instance and batch size vs. FLOPs"),
-    "train": (train, "train-step images/s: full, cheapest instance, SDPoint mix"),
-    "compile": (compile_bench, "time to compile all train-step programs: serial, parallel, cached"),
+    "latency": cli.Command(latency.run, latency.__doc__),
+    "train": cli.Command(train.run, train.__doc__, needs=("batch",)),
+    "compile": cli.Command(compile_bench.run, compile_bench.__doc__),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdpoint_jax.bench",
-        description="Speed benchmarks of SDPoint instances (each writes JSON to --out).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, summary) in COMMANDS.items():
-        command = commands.add_parser(
-            name,
-            help=summary,
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(command)
-        command.set_defaults(run=module.main, parser=command)
-    return parser
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The shared target flags, then each command's own."""
+    options.define_target_flags(flag_values)
+    for module in (latency, train, compile_bench):
+        module.define_flags(flag_values)
+
+
+PROGRAM = cli.Program(
+    module="sdpoint_jax.bench",
+    description=sdpoint_jax.bench.__doc__,
+    define_flags=define_flags,
+    commands=COMMANDS,
+    required=("model",),
+    only={
+        "instances": ("latency",),
+        "repeats": ("latency",),
+        "warmup": ("latency",),
+        "steps": ("train",),
+        "workers": ("compile",),
+    },
+)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Parses ``argv`` (default: the command line) and runs the command; returns what
-    it wrote (latency rows, or the train or compile result)."""
-    args = build_parser().parse_args(argv)
-    return args.run(args, args.parser)
+    """Runs the command line ``argv`` (default: this process's, without the program
+    name); returns what the command wrote (latency rows, or the train or compile
+    result)."""
+    return cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":

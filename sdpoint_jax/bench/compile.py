@@ -33,7 +33,6 @@ and ``parallel_over_one`` (parallel seconds / one program's seconds).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -46,6 +45,7 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
@@ -70,19 +70,17 @@ COLUMNS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_target_arguments(parser)
-    parser.add_argument(
-        "--batch",
-        type=options.at_least(1, "--batch"),
-        default=128,
-        help="global batch size (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=options.at_least(1, "--workers"),
-        default=default_compile_workers(),
-        help="parallel compile threads (default: one per CPU core, at most 8; here %(default)s)",
+DEFAULT_BATCH_SIZE = 128
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
+    flags.DEFINE_integer(
+        "workers",
+        default_compile_workers(),
+        "parallel compile threads; the default is one per CPU core, at most 8",
+        lower_bound=1,
+        flag_values=flag_values,
     )
 
 
@@ -187,16 +185,18 @@ def benchmark(
     }
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    target, model = options.target_from_args(args, parser)
-    result = benchmark(target, len(model.space), args.batch, args.workers)
-    path = report.write_json(args.out / "compile_bench.json", result)
+def run(flag_values: flags.FlagValues) -> dict[str, Any]:
+    """Measures, writes ``compile_bench.json``, prints the table; returns the result."""
+    target, model = options.target_from_flags(flag_values)
+    batch_size = options.batch_size(flag_values, "compile", DEFAULT_BATCH_SIZE)
+    result = benchmark(target, len(model.space), batch_size, flag_values.workers)
+    path = report.write_json(Path(flag_values.out) / "compile_bench.json", result)
     one = result["one_program_s"]
     table = [
         {"name": "one program (full)", "workers": 1, "cache": "off", "programs": 1, "seconds": one}
     ] + [{**phase, "programs": result["programs"]} for phase in result["phases"]]
     print(
-        f"{args.model} on {args.dataset}, {args.dtype}, batch {args.batch}: compiling "
+        f"{target.model_name} on {target.dataset}, {target.dtype}, batch {batch_size}: compiling "
         f"{result['programs']} train-step programs on {result['device_kind']}"
     )
     print(report.format_table([{**row, "of_one": row["seconds"] / one} for row in table], COLUMNS))

@@ -20,7 +20,6 @@ batch, milliseconds), ``images_per_s`` (``batch / median``) and
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import time
@@ -30,12 +29,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.values import zeros_like
+from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
@@ -61,27 +62,15 @@ COLUMNS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_target_arguments(parser)
-    parser.add_argument(
-        "--batch",
-        type=options.batch_sizes,
-        default=[1, 32, 128],
-        help="batch sizes (default: 1,32,128)",
-    )
-    parser.add_argument("--instances", default="all", help="'all' (default) or e.g. 'full,3:0.5'")
-    parser.add_argument(
-        "--repeats",
-        type=options.at_least(1, "--repeats"),
-        default=20,
-        help="timed runs per program (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=options.at_least(0, "--warmup"),
-        default=3,
-        help="untimed runs first (default: %(default)s)",
-    )
+DEFAULT_BATCH_SIZES = (1, 32, 128)
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5'", **define)
+    flags.DEFINE_integer("repeats", 20, "timed runs per program", lower_bound=1, **define)
+    flags.DEFINE_integer("warmup", 3, "untimed runs first", lower_bound=0, **define)
 
 
 def _xla_gflops(compiled: jax.stages.Compiled) -> float | None:
@@ -257,19 +246,29 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
     return path
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Row]:
-    target, model = options.target_from_args(args, parser)
+def run(flag_values: flags.FlagValues) -> list[Row]:
+    """Measures, writes ``latency.json`` and the plot, prints the tables; returns the rows."""
+    target, model = options.target_from_flags(flag_values)
     try:
-        instances = list(dict.fromkeys(model.space.parse_list(args.instances)))
+        instances = list(dict.fromkeys(model.space.parse_list(flag_values.instances)))
     except ValueError as err:
-        parser.error(str(err))
+        raise UsageError(str(err)) from err
     if not instances:
-        parser.error(f"--instances {args.instances!r} names no instance")
-    rows = benchmark(target, model, instances, args.batch, repeats=args.repeats, warmup=args.warmup)
-    json_path = report.write_json(RunDir(args.out).latency_json, rows)
+        raise UsageError(f"--instances {flag_values.instances!r} names no instance")
+    batches = options.batch_sizes(flag_values, DEFAULT_BATCH_SIZES)
+    rows = benchmark(
+        target,
+        model,
+        instances,
+        batches,
+        repeats=flag_values.repeats,
+        warmup=flag_values.warmup,
+    )
+    out = Path(flag_values.out)
+    json_path = report.write_json(RunDir(out).latency_json, rows)
     device = rows[0]["device_kind"]
-    png_path = plot(rows, args.out / "latency_vs_flops.png", f"{args.model} ({device})")
-    print(f"{args.model} on {args.dataset}, {args.dtype}, {device}:")
+    png_path = plot(rows, out / "latency_vs_flops.png", f"{target.model_name} ({device})")
+    print(f"{target.model_name} on {target.dataset}, {target.dtype}, {device}:")
     print(report.format_table(rows, COLUMNS))
     print(format_order(rows))
     print(f"wrote {json_path} and {png_path}")

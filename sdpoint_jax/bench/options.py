@@ -1,14 +1,14 @@
-"""Command-line pieces shared by the benchmarks: what is measured and argument types."""
+"""Command-line pieces shared by the benchmarks: what is measured, and the flags naming it."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 
 import jax.numpy as jnp
+from absl import flags
 
+from sdpoint_jax.cli import UsageError
 from sdpoint_jax.data.specs import SPECS
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.xla_cpu.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
@@ -56,61 +56,84 @@ class Target:
         }
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dataset``, ``--dtype``, ``--conv-lowering`` and ``--out``."""
-    parser.add_argument("--model", required=True, help="e.g. wrn-16-1, wrn-28-10, resnet-50")
-    parser.add_argument(
-        "--dataset",
-        choices=sorted(SPECS),
-        default="cifar10",
-        help="fixes input size and classes (default: %(default)s)",
+def define_target_flags(flag_values: flags.FlagValues) -> None:
+    """``--model``, ``--dataset``, ``--dtype``, ``--conv-lowering``, ``--out`` and ``--batch``
+    (read with :func:`batch_sizes` or :func:`batch_size`)."""
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("model", None, "e.g. wrn-16-1, wrn-28-10, resnet-50", **define)
+    flags.DEFINE_enum("dataset", "cifar10", sorted(SPECS), "fixes input size and classes", **define)
+    flags.DEFINE_enum("dtype", "float32", DTYPES, "compute dtype", **define)
+    flags.DEFINE_enum(
+        "conv-lowering",
+        "auto",
+        CONV_LOWERINGS,
+        "auto = matmul_grad on CPU, xla elsewhere",
+        **define,
     )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--conv-lowering",
-        choices=CONV_LOWERINGS,
-        default="auto",
-        help="auto = matmul_grad on CPU, xla elsewhere (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("."), help="output directory (default: current)"
+    flags.DEFINE_string("out", ".", "output directory", **define)
+    flags.DEFINE(
+        BatchSizesParser(),
+        "batch",
+        None,
+        "latency: batch sizes, e.g. 1,32 (default: 1,32,128); train: the global batch size "
+        "(required); compile: the global batch size (default: 128)",
+        serializer=flags.CsvListSerializer(","),
+        **define,
     )
 
 
-def target_from_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> tuple[Target, SDPointModel]:
+def target_from_flags(flag_values: flags.FlagValues) -> tuple[Target, SDPointModel]:
     """The target and its model; an unknown model name is a usage error."""
-    target = Target(args.model, args.dataset, args.dtype, args.conv_lowering)
+    target = Target(
+        flag_values.model,
+        flag_values.dataset,
+        flag_values.dtype,
+        flag_values["conv-lowering"].value,
+    )
     try:
         return target, target.create_model()
     except ValueError as err:
-        parser.error(str(err))
+        raise UsageError(str(err)) from err
 
 
-def at_least(minimum: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an integer ``>= minimum``, the error naming ``what``."""
+class BatchSizesParser(flags.ArgumentParser):
+    """Comma-separated batch sizes, each ``>= 1``, e.g. ``1,32,128``; repeats dropped."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be an integer >= {minimum}, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {value}")
-        return value
+    def parse(self, argument: str | list[int]) -> list[int]:
+        if isinstance(argument, list):
+            return argument
+        sizes = []
+        for part in (part.strip() for part in argument.split(",")):
+            if not part:
+                continue
+            try:
+                size = int(part)
+            except ValueError:
+                raise ValueError(
+                    f"every batch size must be an integer >= 1, got {part!r}"
+                ) from None
+            if size < 1:
+                raise ValueError(f"every batch size must be >= 1, got {size}")
+            sizes.append(size)
+        if not sizes:
+            raise ValueError(f"expected batch sizes such as '1,32', got {argument!r}")
+        return list(dict.fromkeys(sizes))
 
-    return parse
+    def flag_type(self) -> str:
+        return "batch sizes"
 
 
-def batch_sizes(text: str) -> list[int]:
-    """An argparse type: comma-separated batch sizes, each ``>= 1``, e.g. ``1,32,128``."""
-    parse = at_least(1, "every batch size")
-    sizes = [parse(part) for part in text.split(",") if part.strip()]
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"expected batch sizes such as '1,32', got {text!r}")
-    return list(dict.fromkeys(sizes))
+def batch_sizes(flag_values: flags.FlagValues, default: Sequence[int]) -> list[int]:
+    """The ``--batch`` sizes, ``default`` where the flag is absent."""
+    return list(default) if flag_values.batch is None else flag_values.batch
+
+
+def batch_size(flag_values: flags.FlagValues, command: str, default: int | None = None) -> int:
+    """The one ``--batch`` size of ``command`` (``default`` where the flag is absent); more
+    than one is a usage error."""
+    sizes = batch_sizes(flag_values, [] if default is None else [default])
+    if len(sizes) != 1:
+        raise UsageError(
+            f"--batch: {command} takes one batch size, got {','.join(map(str, sizes))}"
+        )
+    return sizes[0]

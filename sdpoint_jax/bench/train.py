@@ -26,19 +26,21 @@ downsampled convolutions, not the input downsampling)),
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.train_steps import TrainSteps
+from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.models import SDPointModel
@@ -57,17 +59,9 @@ COLUMNS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_target_arguments(parser)
-    parser.add_argument(
-        "--batch", type=options.at_least(1, "--batch"), required=True, help="global batch size"
-    )
-    parser.add_argument(
-        "--steps",
-        type=options.at_least(1, "--steps"),
-        default=20,
-        help="timed steps per run (default: %(default)s)",
-    )
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
+    flags.DEFINE_integer("steps", 20, "timed steps per run", lower_bound=1, flag_values=flag_values)
 
 
 def uniform_flops_fraction(space: InstanceSpace, flops: Mapping[Instance, int]) -> float:
@@ -153,14 +147,17 @@ def _describe(draws: Mapping[str, int]) -> str:
     return next(iter(draws)) if len(draws) == 1 else f"{len(draws)} distinct"
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    target, model = options.target_from_args(args, parser)
+def run(flag_values: flags.FlagValues) -> dict[str, Any]:
+    """Measures, writes ``train_bench.json``, prints the table; returns the result."""
+    target, model = options.target_from_flags(flag_values)
+    batch_size = options.batch_size(flag_values, "train")
     try:
-        parallel.check_batch_size(args.batch, parallel.create_mesh())
+        parallel.check_batch_size(batch_size, parallel.create_mesh())
     except ValueError as err:
-        parser.error(f"--batch: {err}")
-    result = benchmark(target, model, args.batch, args.steps)
-    path = report.write_json(args.out / "train_bench.json", result)
+        raise UsageError(f"--batch: {err}") from err
+    steps = flag_values.steps
+    result = benchmark(target, model, batch_size, steps)
+    path = report.write_json(Path(flag_values.out) / "train_bench.json", result)
     full_seconds = result["runs"][0]["seconds"]
     table = [
         {
@@ -171,8 +168,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str,
         for run in result["runs"]
     ]
     print(
-        f"{args.model} on {args.dataset}, {args.dtype}, batch {args.batch}, {args.steps} steps "
-        f"per run, {result['device_kind']}:"
+        f"{target.model_name} on {target.dataset}, {target.dtype}, batch {batch_size}, "
+        f"{steps} steps per run, {result['device_kind']}:"
     )
     print(report.format_table(table, COLUMNS))
     print(

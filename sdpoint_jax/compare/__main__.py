@@ -8,44 +8,56 @@ line per method). Config fields can be overridden: ``--config.num_epochs=1``.
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # before TensorFlow loads and any work
+    from sdpoint_jax.startup import start_program
+
+    start_program(__file__, host_memory=True)
+
 import sys
+from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+from absl import flags
 
-if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
-    from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
-
-    restart_with_host_memory(__file__)
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from sdpoint_jax.cli import quiet_library_logs, report_user_errors
-from sdpoint_jax.training import parallel
-from sdpoint_jax.training.programs import enable_compilation_cache
-
-config_flags.DEFINE_config_file("config", None, "Comparison configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")
-FLAGS = flags.FLAGS
+from sdpoint_jax import cli
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
-    quiet_library_logs()
-    parallel.initialize_distributed()
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """``--workdir`` (``--config`` is defined by :mod:`sdpoint_jax.cli`)."""
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Output directory (one subdirectory per method).",
+        flag_values=flag_values,
+    )
+
+
+def compare(flag_values: flags.FlagValues) -> None:
+    """Trains and evaluates every method; a preempted run says how to resume."""
     from sdpoint_jax.compare.run import run_comparison
     from sdpoint_jax.compare.trainer import Preempted
+    from sdpoint_jax.training.programs import enable_compilation_cache
 
-    enable_compilation_cache(FLAGS.config.compile_cache_dir)
+    enable_compilation_cache(flag_values.config.compile_cache_dir)
     try:
-        report_user_errors(run_comparison, FLAGS.config, FLAGS.workdir)
+        run_comparison(flag_values.config, flag_values.workdir)
     except Preempted as stop:
         print(f"{stop}; run the same command again to resume", file=sys.stderr)
 
 
+PROGRAM = cli.Program(
+    module="sdpoint_jax.compare",
+    description=__doc__,
+    define_flags=define_flags,
+    commands=cli.Command(compare, trains=True),
+    required=("config", "workdir"),
+    config_file="Comparison configuration file",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the command line ``argv`` (default: this process's, without the program name)."""
+    cli.run(PROGRAM, argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main()

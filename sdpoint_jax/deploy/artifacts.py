@@ -36,10 +36,6 @@ directory is written next to ``DIR`` and renamed into place once complete; an ex
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-
 import json
 import shutil
 from collections.abc import Callable, Sequence

@@ -288,15 +288,33 @@ def test_difficulty_command_groups_every_image_by_cheapest_correct_instance(runs
     assert (tmp_path / DIFFICULTY_PNG).read_bytes().startswith(b"\x89PNG")
 
 
-def test_commands_name_missing_paths(runs, tmp_path):
+def _error(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and the one stderr line of ``main(argv)``, which must exit."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return exit_info.value.code, error
+
+
+def test_commands_name_missing_paths(runs, tmp_path, capsys):
     config_spec, workdir = runs["sdpoint"]
     missing = tmp_path / "never_trained"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"no trained run in {missing}")):
-        main(["difficulty", "--config", config_spec, "--workdir", str(missing), "--out", "x"])
-    with pytest.raises(FileNotFoundError, match=r"config file /no/such\.py does not exist"):
-        main(["scale", "--config", "/no/such.py", "--workdir", str(workdir), "--out", "x"])
-    with pytest.raises(SystemExit):  # two labels for one workdir: a usage error
-        main(
-            ["scale", "--config", config_spec, "--workdir", str(workdir), "--out", "x"]
-            + ["--label", "a", "--label", "b"]
-        )
+    argv = ["difficulty", "--config", config_spec, "--workdir", str(missing), "--out", "x"]
+    status, error = _error(argv, capsys)
+    assert status == 1 and f"no trained run in {missing}" in error
+    argv = ["scale", "--config", "/no/such.py", "--workdir", str(workdir), "--out", "x"]
+    status, error = _error(argv, capsys)
+    assert status == 1 and re.search(r"config file /no/such\.py does not exist", error)
+    # usage errors: two labels for one workdir, a flag of the other command, two runs
+    # for difficulty
+    scale = ["scale", "--config", config_spec, "--workdir", str(workdir), "--out", "x"]
+    status, error = _error([*scale, "--label", "a", "--label", "b"], capsys)
+    assert status == 2 and "give one --label per --workdir (1), or none" in error
+    status, error = _error([*scale, "--top-k", "2"], capsys)
+    assert status == 2 and "--top-k applies to difficulty only, not to scale" in error
+    status, error = _error([*scale, "--factors", "1,x"], capsys)
+    assert status == 2 and "flag --factors=1,x: expected comma-separated numbers" in error
+    difficulty = ["difficulty", *scale[1:], "--workdir", str(workdir)]
+    status, error = _error(difficulty, capsys)
+    assert status == 2 and "difficulty takes one --config and one --workdir" in error

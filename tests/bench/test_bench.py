@@ -172,13 +172,24 @@ def test_latency_order_checks():
         (["latency", *TINY, "--instances", "2-0.5"], "cannot parse instance '2-0.5'"),
         (["latency", *TINY, "--batch", "1,0"], "every batch size must be >= 1, got 0"),
         (["latency", *TINY, "--batch", "1,x"], "got 'x'"),
-        (["latency", *TINY, "--repeats", "0"], "--repeats must be >= 1, got 0"),
-        (["latency", *TINY, "--dtype", "float16"], "invalid choice: 'float16'"),
+        (["latency", *TINY, "--repeats", "0"], "flag --repeats=0: 0 is not a positive integer"),
+        (["latency", *TINY, "--warmup", "-1"], "flag --warmup=-1: -1 is not a non-negative"),
+        (["latency", *TINY, "--dtype", "float16"], "flag --dtype=float16: value should be one of"),
         (["latency", "--model", "wrn-x", "--dataset", "cifar10"], "unknown model 'wrn-x'"),
-        (["train", *TINY, "--batch", "0"], "--batch must be >= 1, got 0"),
-        (["train", *TINY, "--batch", "4", "--steps", "-1"], "--steps must be >= 1, got -1"),
-        (["compile", *TINY, "--workers", "0"], "--workers must be >= 1, got 0"),
-        (["compile", *TINY, "--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["latency", "--dataset", "cifar10"], "--model is required"),
+        (["train", *TINY, "--batch", "0"], "flag --batch=0: every batch size must be >= 1, got 0"),
+        (["train", *TINY], "train needs --batch"),
+        (["train", *TINY, "--batch", "4,8"], "--batch: train takes one batch size, got 4,8"),
+        (
+            ["train", *TINY, "--batch", "4", "--steps", "-1"],
+            "flag --steps=-1: -1 is not a positive",
+        ),
+        (["train", *TINY, "--batch", "4", "--repeats", "2"], "--repeats applies to latency only"),
+        (["compile", *TINY, "--workers", "0"], "flag --workers=0: 0 is not a positive integer"),
+        (["compile", *TINY, "--steps", "2"], "--steps applies to train only, not to compile"),
+        (["compile", *TINY, "--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
+        ([*TINY], "give one command out of latency, train, compile; got none"),
+        (["speed", *TINY], "give one command out of latency, train, compile; got speed"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv, message, capsys):
@@ -187,5 +198,9 @@ def test_bad_input_is_a_usage_error(argv, message, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error, error
+    assert error.startswith("error: ") and error.count("\n") == 1, error  # one line
+    assert "python -m sdpoint_jax.bench" in error and "--help" in error
     if "--dtype" in argv:
-        assert "'float32', 'bfloat16'" in error  # the allowed values
+        assert "<float32|bfloat16>" in error  # the allowed values
+    if "--dataset" in argv and "mnist" in argv:
+        assert "<cifar10|cifar100|imagenet2012>" in error

@@ -110,9 +110,10 @@ def test_cli_table_and_errors(capsys):
     out = capsys.readouterr().out
     assert "N = 3 points" in out and "GFLOPs" in out
     assert len(out.strip().splitlines()) == 2 + 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--model", "wrn-11-1"])
-    assert "6n + 4" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert exit_info.value.code == 2 and "6n + 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(["--model", "wrn-10-1", "--instances", "9:0.5"])
+    assert exit_info.value.code == 2
     assert "point 9 is out of range" in capsys.readouterr().err
