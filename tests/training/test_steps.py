@@ -115,7 +115,8 @@ def test_inference_and_calibration_programs_keep_xla_convolutions(setup):
     for key in KEYS:
         layers = len(record_calls(model, variables, batch["image"], key, nn.Conv, abstract=True))
         counts = _counts_fn(model).trace(variables, eval_batch, instance=key)
-        moments = _batch_moments_fn(model).trace(variables["params"], batch["image"], instance=key)
+        moments_fn = _batch_moments_fn(model, variables["batch_stats"])
+        moments = moments_fn.trace(variables["params"], batch["image"], instance=key)
         for traced in (counts, moments):
             assert "custom_vjp_call" not in str(traced.jaxpr)
             assert traced.lower().as_text().count("stablehlo.convolution") == layers
