@@ -5,12 +5,12 @@ Commands:
   calibrate   recompute every instance's BN statistics over fixed training batches
   evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot;
               ``--cascade`` also a confidence cascade across the instances, its
-              thresholds fit on ``config.holdout_split``
+              thresholds fit on ``config.data.holdout_split``
   select      the best evaluated instance within ``--budget-gflops`` or ``--budget-ms``
   all         train, calibrate and evaluate in one go
 
-Any config field can be overridden: ``--config.num_epochs=10``,
-``--config.data_dir=/path/to/tensorflow_datasets``.
+Any config field can be overridden: ``--config.optim.num_epochs=10``,
+``--config.data.data_dir=/path/to/tensorflow_datasets``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ flags.DEFINE_bool(
     "cascade",
     False,
     "evaluate/all: also a confidence cascade across the instances, thresholds fit on "
-    "config.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
+    "config.data.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
 )
 flags.DEFINE_float("budget-gflops", None, "select: GFLOPs per image budget.")
 flags.DEFINE_float("budget-ms", None, "select: milliseconds per batch budget.")
@@ -71,7 +71,7 @@ def run_command(command: str) -> None:
     config = FLAGS.config
     if config is None:
         raise app.UsageError(f"{command} needs --config=experiments/configs/NAME.py")
-    enable_compilation_cache(config.compile_cache_dir)
+    enable_compilation_cache(config.compile.cache_dir)
     if command == "all" and FLAGS.cascade:
         cascade_holdout(config)  # a missing holdout_split fails now, not after training
     if command in ("train", "all"):

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     if config is None or not workdir:
         raise app.UsageError("--config=experiments/configs/NAME.py and --workdir are required")
     quiet_library_logs()
-    enable_compilation_cache(config.compile_cache_dir)
+    enable_compilation_cache(config.compile.cache_dir)
     report_user_errors(time_to_accuracy, config, workdir)
 
 

@@ -4,7 +4,7 @@ tiny config on the real CIFAR-10 beside the project."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from sdpoint_jax.config import cifar_config
+from sdpoint_jax.config import cifar_config, get_field, set_field
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 
@@ -27,15 +27,14 @@ needs_cifar10 = pytest.mark.skipif(
 )
 
 
-def tiny_cifar10_config(**fields: Any) -> ml_collections.ConfigDict:
-    """The WRN-10-1 CIFAR-10 config on :data:`SHARED_DATA_DIR` with ``fields`` set (each
-    must be an existing field)."""
+def tiny_cifar10_config(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The WRN-10-1 CIFAR-10 config on :data:`SHARED_DATA_DIR` with ``overrides`` set,
+    keyed by dotted path (``{"optim.batch_size": 16}``; each must be an existing field)."""
     config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(SHARED_DATA_DIR)
-    for name, value in fields.items():
-        if name not in config:
-            raise KeyError(f"the config has no field {name!r}")
-        setattr(config, name, value)
+    config.data.data_dir = str(SHARED_DATA_DIR)
+    for path, value in (overrides or {}).items():
+        get_field(config, path)  # KeyError naming a path that is not a field
+        set_field(config, path, value)
     return config
 
 

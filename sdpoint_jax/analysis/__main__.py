@@ -116,7 +116,7 @@ def _scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[di
         ScaleModel(label, load_config(spec, args.data_dir), workdir)
         for label, spec, workdir in zip(labels, specs, workdirs, strict=True)
     ]
-    enable_compilation_cache(models[0].config.compile_cache_dir)
+    enable_compilation_cache(models[0].config.compile.cache_dir)
     return scale_run(models, args.out, images=args.images, factors=args.factors or DEFAULT_FACTORS)
 
 
@@ -124,7 +124,7 @@ def _difficulty(args: argparse.Namespace) -> Any:
     from sdpoint_jax.analysis.difficulty import difficulty_run
 
     config = load_config(args.config, args.data_dir)
-    enable_compilation_cache(config.compile_cache_dir)
+    enable_compilation_cache(config.compile.cache_dir)
     return difficulty_run(
         config,
         args.workdir,

@@ -1,9 +1,9 @@
 """``python -m sdpoint_jax.compare --config experiments/configs/compare_*.py --workdir DIR``.
 
-Trains every method named in ``config.methods`` with identical data, schedule and seed
+Trains every method named in ``config.compare.methods`` with identical data, schedule and seed
 (each in ``WORKDIR/<method>/``, resumable), evaluates every cost setting of each, and
 writes ``WORKDIR/compare.csv`` and ``WORKDIR/compare.png`` (error against GFLOPs, a
-line per method). Config fields can be overridden: ``--config.num_epochs=1``.
+line per method). Config fields can be overridden: ``--config.optim.num_epochs=1``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     from sdpoint_jax.compare.run import run_comparison
     from sdpoint_jax.compare.trainer import Preempted
 
-    enable_compilation_cache(FLAGS.config.compile_cache_dir)
+    enable_compilation_cache(FLAGS.config.compile.cache_dir)
     try:
         report_user_errors(run_comparison, FLAGS.config, FLAGS.workdir)
     except Preempted as stop:

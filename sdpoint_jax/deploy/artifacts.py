@@ -249,7 +249,7 @@ def run_config(
     with CheckpointManager(checkpoints) as manager:
         config = config_from_saved(manager.saved_config())
     if data_dir is not None:
-        config.data_dir = data_dir
+        config.data.data_dir = data_dir
     return config
 
 
@@ -274,18 +274,18 @@ def export_run(
     step = int(state.step)
     print(f"exporting {len(chosen)} instance(s) of step {step} ({source}) for {list(platforms)}")
     variables = jax.device_get(state.variables)
-    errors = measured_errors(workdir, chosen, config.bn_mode, step)
+    errors = measured_errors(workdir, chosen, config.sdpoint.bn_mode, step)
     if not errors:
         print(f"note: no results.json newer than step {step} in {workdir}; errors left null")
     info = {
-        "model": config.model,
-        "dataset": config.dataset,
+        "model": config.model.name,
+        "dataset": config.data.dataset,
         "num_classes": model.num_classes,
         "step": step,
         "statistics": source,
-        "bn_mode": config.bn_mode,
+        "bn_mode": config.sdpoint.bn_mode,
     }
-    spec = dataset_spec(config.dataset)
+    spec = dataset_spec(config.data.dataset)
     manifest = write_export(
         Path(out), model, variables, chosen, spec, platforms=platforms, info=info, errors=errors
     )

@@ -2,17 +2,17 @@
 
 Every step draws one instance ``(p, r)`` on the host from a generator seeded by
 ``(seed, step)`` (so a resumed run draws the same sequence) and runs the train step
-compiled for that instance. ``config.sdpoint = False`` trains the plain network with
+compiled for that instance. ``config.sdpoint.enabled = False`` trains the plain network with
 the same code (every step is the full instance).
 
 Low mode (:mod:`sdpoint_jax.core.lowmode`, paper 003; off by default): with
-``config.low_mode_prob > 0`` (or per-epoch ``config.low_mode_epoch_probs``) each step
+``config.low_mode.prob > 0`` (or per-epoch ``config.low_mode.epoch_probs``) each step
 first draws, from its own generator seeded by ``(seed, step)``, whether it runs in
 low mode. A low-mode step runs the *full* network in low mode (inputs and eligible
-kernels downsampled by ``config.low_mode_ratio``); any other step draws an SDPoint
+kernels downsampled by ``config.low_mode.ratio``); any other step draws an SDPoint
 instance exactly as without low mode. So a step is low-mode, an SDPoint instance, or
 full, and the instances of the other steps are those of the same run without low
-mode. Full mode is forced for ``config.full_mode_epochs_after_drop`` epochs after
+mode. Full mode is forced for ``config.low_mode.full_epochs_after_drop`` epochs after
 each learning-rate drop. Low-mode steps do not update running batch-norm statistics;
 evaluation runs in full mode.
 
@@ -57,34 +57,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     run.workdir.mkdir(parents=True, exist_ok=True)
     state, draws = _start_state(run, resume)
     start = int(state.step)
-    end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
+    end = (
+        run.total_steps
+        if config.run.max_steps is None
+        else min(config.run.max_steps, run.total_steps)
+    )
     programs = train_programs(
         run.model,
         run.tx,
         state,
         run.mesh,
-        config.batch_size,
+        config.optim.batch_size,
         run.image_size,
         program_fingerprint(config, run.model, run.steps_per_epoch),
     )
     logger = _MetricsLogger(run.workdir, jax.process_index() == 0)
-    if config.precompile:
+    if config.compile.precompile:
         compile_start = time.perf_counter()
-        programs.precompile(run.program_keys, workers=config.compile_workers)
+        programs.precompile(run.program_keys, workers=config.compile.workers)
         logger.write(start, {"compile_seconds": time.perf_counter() - compile_start}, None)
-    eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
+    eval_every = max(1, round(config.run.eval_every_epochs * run.steps_per_epoch))
     batches = pipeline.train_batches(
-        config.dataset,
-        global_batch_size=config.batch_size,
+        config.data.dataset,
+        global_batch_size=config.optim.batch_size,
         seed=config.seed,
         start_step=start,
-        data_dir=config.data_dir,
-        train_split=config.train_split,
+        data_dir=config.data.data_dir,
+        train_split=config.data.train_split,
     )
     draws = Counter(draws)
     with (
         run.checkpoints(
-            keep_last=config.keep_checkpoints, keep_best=1, best_metric="top1_accuracy"
+            keep_last=config.run.keep_checkpoints, keep_best=1, best_metric="top1_accuracy"
         ) as manager,
         PreemptionFlag() as preempted,
     ):
@@ -96,13 +100,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         for step, batch in zip(
             range(start, end), parallel.shard_batches(batches, run.mesh), strict=False
         ):
-            key = draw_step(run.model.space, config.seed, step, config.sdpoint, run.low_mode)
+            key = draw_step(
+                run.model.space, config.seed, step, config.sdpoint.enabled, run.low_mode
+            )
             draws[str(key)] += 1
             state, metrics = programs[key](state, batch)
-            if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
+            if (step + 1) % config.run.log_every_steps == 0 or step + 1 == end:
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 now = time.perf_counter()
-                images_per_sec = (step + 1 - last_log[0]) * config.batch_size / (now - last_log[1])
+                images_per_sec = (
+                    (step + 1 - last_log[0]) * config.optim.batch_size / (now - last_log[1])
+                )
                 last_log = (step + 1, now)
                 logger.write(
                     step + 1,
@@ -132,7 +140,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     )
                     save(step + 1, state, draws, {"top1_accuracy": top1})
                 last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
-            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end or preempted():
+            elif (
+                (step + 1) % config.run.checkpoint_every_steps == 0
+                or step + 1 == end
+                or preempted()
+            ):
                 with clock.paused(state):
                     save(step + 1, state, draws, None)
             if preempted():
@@ -167,10 +179,10 @@ def _save(manager, config, step, state, draws, metrics) -> None:
 def _full_accuracy(run: Run, state: TrainState) -> float:
     """Top-1 accuracy (%) of the full instance on the eval split (instance BN)."""
     batches = pipeline.eval_batches(
-        run.config.dataset,
-        global_batch_size=run.config.eval_batch_size,
-        split=run.config.eval_split,
-        data_dir=run.config.data_dir,
+        run.config.data.dataset,
+        global_batch_size=run.config.data.eval_batch_size,
+        split=run.config.data.eval_split,
+        data_dir=run.config.data.data_dir,
     )
     (row,) = evaluate_instances(
         run.model,

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from sdpoint_jax.config import flatten
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.core.norm import merge_statistics, trained_statistics
@@ -216,17 +217,17 @@ def train_programs(
 
 # Config entries that do not change a train-step program.
 NOT_IN_PROGRAMS = (
-    "max_steps",
-    "log_every_steps",
-    "eval_every_epochs",
-    "eval_batch_size",
-    "eval_split",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "precompile",
-    "compile_workers",
-    "compile_cache_dir",
-    "data_dir",
+    "run.max_steps",
+    "run.log_every_steps",
+    "run.eval_every_epochs",
+    "data.eval_batch_size",
+    "data.eval_split",
+    "run.checkpoint_every_steps",
+    "run.keep_checkpoints",
+    "compile.precompile",
+    "compile.workers",
+    "compile.cache_dir",
+    "data.data_dir",
 )
 
 
@@ -234,7 +235,8 @@ def program_fingerprint(
     config: ml_collections.ConfigDict, model: SDPointModel, steps_per_epoch: int
 ) -> str:
     """What the train-step programs of a run depend on: the model, the config (but
-    :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate schedule)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAMS}
+    :data:`NOT_IN_PROGRAMS`, dotted paths) and the steps per epoch (the learning-rate
+    schedule)."""
+    fields = {k: v for k, v in flatten(config.to_dict()).items() if k not in NOT_IN_PROGRAMS}
     config_text = json.dumps(fields, sort_keys=True, default=list)
     return "\n".join([repr(model), config_text, str(steps_per_epoch)])
