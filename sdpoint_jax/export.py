@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", help="config file (FILE or FILE:ARG); default: the one saved with the run"
     )
-    parser.add_argument("--data-dir", help="override the config's data_dir")
+    parser.add_argument("--data-dir", help="override the config's data.data_dir")
     parser.add_argument(
         "--platforms",
         default=",".join(DEFAULT_PLATFORMS),

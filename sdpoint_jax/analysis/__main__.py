@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--images", type=_positive, help="first N test images only (default: all)"
         )
-        command.add_argument("--data-dir", help="overrides the configs' data_dir")
+        command.add_argument("--data-dir", help="overrides the configs' data.data_dir")
     scale.add_argument(
         "--label", action="append", help="name of each run in order (default: its workdir name)"
     )
