@@ -259,3 +259,20 @@ def test_command_line_overrides_use_dotted_paths():
     config = flag_values.config
     assert config.optim.num_epochs == 10 and config.data.data_dir == "/tmp/tfds"
     assert config.sdpoint.enabled is False and config.model.name == "wrn-16-1"
+
+
+def test_program_fingerprint_leaves_out_the_nested_paths_of_not_in_programs():
+    from sdpoint_jax.models import create
+    from sdpoint_jax.training.steps import NOT_IN_PROGRAMS, program_fingerprint
+
+    model = create("wrn-10-1", num_classes=10)
+    config = base_config()
+    reference = program_fingerprint(config, model, 10)
+    for path in NOT_IN_PROGRAMS:
+        get_field(config, path)  # each is a field of the layout
+    set_field(config, "run.max_steps", 3)
+    set_field(config, "data.data_dir", "/elsewhere")
+    set_field(config, "compile.workers", 1)
+    assert program_fingerprint(config, model, 10) == reference
+    set_field(config, "optim.batch_size", 64)
+    assert program_fingerprint(config, model, 10) != reference

@@ -16,7 +16,7 @@ from sdpoint_jax.deploy.artifacts import run_config
 from sdpoint_jax.deploy.loader import load_exported
 from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run
 from sdpoint_jax.export import main as export_main
-from sdpoint_jax.training.checkpoint import CheckpointManager
+from sdpoint_jax.training.checkpoint import CheckpointError, CheckpointManager
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.programs import enable_compilation_cache
 from sdpoint_jax.training.run import Run
@@ -56,6 +56,7 @@ def test_saved_flat_config_is_read_nested(workdir):
     assert config.to_dict().keys() == config_from_saved({}).to_dict().keys()
 
 
+@pytest.mark.slow
 def test_calibrate_then_evaluate_reproduces_the_old_results(workdir):
     expected = json.loads((workdir / "results.json").read_text())
     config = legacy_config(workdir)
@@ -73,6 +74,7 @@ def test_calibrate_then_evaluate_reproduces_the_old_results(workdir):
             assert row[field] == pytest.approx(old[field], abs=1e-6), (field, row)
 
 
+@pytest.mark.slow
 def test_export_lists_the_instances_with_the_old_errors(workdir, tmp_path):
     out = tmp_path / "export"
     manifest = export_main(
@@ -93,6 +95,7 @@ def test_export_lists_the_instances_with_the_old_errors(workdir, tmp_path):
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_resume_trains_one_more_step(workdir):
     config = legacy_config(workdir)
     saved_state, saved_draws = Run.create(config, workdir).restore()
@@ -111,3 +114,14 @@ def test_resume_trains_one_more_step(workdir):
     with CheckpointManager(workdir / "checkpoints") as manager:
         assert manager.latest_step() == SAVED_STEP + 1
         assert not is_legacy(manager.saved_config())
+
+
+def test_resume_invariants_are_checked_against_the_migrated_config(workdir):
+    config = legacy_config(workdir)
+    config.optim.batch_size = 32
+    config.sdpoint.enabled = False
+    with pytest.raises(
+        CheckpointError,
+        match=r"different config \(sdpoint\.enabled: True -> False, optim\.batch_size: 64 -> 32\)",
+    ):
+        Run.create(config, workdir).restore()
