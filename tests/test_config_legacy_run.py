@@ -23,7 +23,7 @@ from sdpoint_jax.training.run import Run
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 LEGACY_RUN = Path(__file__).resolve().parent / "data" / "legacy_run"
-SAVED_STEP = 6  # the old run stopped at --config.max_steps=6 of 8
+SAVED_STEP = 6  # the old run stopped there (its max_steps), 2 steps before its end
 
 pytestmark = needs_cifar10
 

@@ -501,5 +501,5 @@ def test_checkpoints_from_before_low_mode_resume_and_low_mode_settings_are_invar
     assert int(state.step) == 0 and "low:2" not in draws
     changed = tiny_config(3)
     changed.low_mode.ratio = 4
-    with pytest.raises(CheckpointError, match=r"different config \(low_mode.ratio: 2 -> 4\)"):
+    with pytest.raises(CheckpointError, match=r"different config \(low_mode\.ratio: 2 -> 4\)"):
         Run.create(changed, tmp_path).restore()

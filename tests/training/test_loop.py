@@ -92,7 +92,9 @@ def test_resume_with_a_different_config_is_refused(uninterrupted):
     workdir, _ = uninterrupted
     config = tiny_config(8)
     config.optim.learning_rate = 0.05
-    with pytest.raises(CheckpointError, match=r"different config \(learning_rate: 0\.1 -> 0\.05\)"):
+    with pytest.raises(
+        CheckpointError, match=r"different config \(optim\.learning_rate: 0\.1 -> 0\.05\)"
+    ):
         train(config, workdir, resume=True)
 
 
