@@ -35,7 +35,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "config file (FILE or FILE:ARG); default: the one saved with the run",
         **define,
     )
-    flags.DEFINE_string("data-dir", None, "override the config's data_dir", **define)
+    flags.DEFINE_string("data-dir", None, "override the config's data.data_dir", **define)
     flags.DEFINE_string(
         "platforms",
         ",".join(DEFAULT_PLATFORMS),

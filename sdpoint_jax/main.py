@@ -5,12 +5,12 @@ Commands:
   calibrate   recompute every instance's BN statistics over fixed training batches
   evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot;
               ``--cascade`` also a confidence cascade across the instances, its
-              thresholds fit on ``config.holdout_split``
+              thresholds fit on ``config.data.holdout_split``
   select      the best evaluated instance within ``--budget-gflops`` or ``--budget-ms``
   all         train, calibrate and evaluate in one go
 
-Any config field can be overridden: ``--config.num_epochs=10``,
-``--config.data_dir=/path/to/tensorflow_datasets``.
+Any config field can be overridden: ``--config.optim.num_epochs=10``,
+``--config.data.data_dir=/path/to/tensorflow_datasets``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "cascade",
         False,
         "Also a confidence cascade across the instances, thresholds fit on "
-        "config.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
+        "config.data.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
         **define,
     )
     flags.DEFINE_float("budget-gflops", None, "GFLOPs per image budget.", **define)
@@ -57,7 +57,7 @@ def run_steps(flag_values: flags.FlagValues, steps: Sequence[str]) -> None:
     from sdpoint_jax.training.programs import enable_compilation_cache
 
     config, workdir = flag_values.config, flag_values.workdir
-    enable_compilation_cache(config.compile_cache_dir)
+    enable_compilation_cache(config.compile.cache_dir)
     if flag_values.cascade and "train" in steps and "evaluate" in steps:
         cascade_holdout(config)  # a missing holdout_split fails now, not after training
     if "train" in steps:

@@ -32,7 +32,7 @@ def measure(flag_values: flags.FlagValues) -> list[dict[str, Any]]:
     from sdpoint_jax.compare.time_to_target import time_to_accuracy
     from sdpoint_jax.training.programs import enable_compilation_cache
 
-    enable_compilation_cache(flag_values.config.compile_cache_dir)
+    enable_compilation_cache(flag_values.config.compile.cache_dir)
     return time_to_accuracy(flag_values.config, flag_values.workdir)
 
 

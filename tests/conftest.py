@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sdpoint_jax.config import cifar_config
+from sdpoint_jax.config import cifar_config, get_field, set_field
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.cost import abstract_variables
@@ -30,15 +30,14 @@ needs_cifar10 = pytest.mark.skipif(
 )
 
 
-def tiny_cifar10_config(**fields: Any) -> ml_collections.ConfigDict:
-    """The WRN-10-1 CIFAR-10 config on :data:`SHARED_DATA_DIR` with ``fields`` set (each
-    must be an existing field)."""
+def tiny_cifar10_config(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The WRN-10-1 CIFAR-10 config on :data:`SHARED_DATA_DIR` with ``overrides`` set,
+    keyed by dotted path (``{"optim.batch_size": 16}``; each must be an existing field)."""
     config = cifar_config("wrn-10-1", "cifar10")
-    config.data_dir = str(SHARED_DATA_DIR)
-    for name, value in fields.items():
-        if name not in config:
-            raise KeyError(f"the config has no field {name!r}")
-        setattr(config, name, value)
+    config.data.data_dir = str(SHARED_DATA_DIR)
+    for path, value in (overrides or {}).items():
+        get_field(config, path)  # KeyError naming a path that is not a field
+        set_field(config, path, value)
     return config
 
 
@@ -88,14 +87,16 @@ TRAIN_SPLIT = "train[:1024]"
 
 def tiny_config(max_steps: int):
     return tiny_cifar10_config(
-        batch_size=16,
-        max_steps=max_steps,
-        train_split=TRAIN_SPLIT,
-        log_every_steps=1,
-        eval_every_epochs=1000.0,  # no evaluation inside these short runs
-        eval_split="test[:48]",
-        eval_batch_size=16,
-        calibration_batches=2,
+        {
+            "optim.batch_size": 16,
+            "run.max_steps": max_steps,
+            "data.train_split": TRAIN_SPLIT,
+            "run.log_every_steps": 1,
+            "run.eval_every_epochs": 1000.0,  # no evaluation inside these short runs
+            "data.eval_split": "test[:48]",
+            "data.eval_batch_size": 16,
+            "sdpoint.calibration_batches": 2,
+        },
     )
 
 

@@ -146,7 +146,10 @@ def test_config_file_and_overrides_come_from_the_given_arguments(tmp_path):
         (["--config.epochs=5"], "Unknown command line flag 'config.epochs'"),
         (["--config=/no/such.py"], "cannot load --config=/no/such.py: [Errno 2] No such file"),
         ([f"--config={QUICK_CONFIG}", "--config.num_epoch=3"], "--config has no field"),
-        ([f"--config={QUICK_CONFIG}", "--config.num_epochs=x"], "flag --config.num_epochs=x"),
+        (
+            [f"--config={QUICK_CONFIG}", "--config.optim.num_epochs=x"],
+            "flag --config.optim.num_epochs=x",
+        ),
     ],
 )
 def test_config_errors_are_usage_errors(argv, message, capsys):
@@ -154,7 +157,7 @@ def test_config_errors_are_usage_errors(argv, message, capsys):
         module="toy",
         description="",
         define_flags=lambda flag_values: None,
-        commands=cli.Command(lambda flag_values: flag_values.config.num_epochs),
+        commands=cli.Command(lambda flag_values: flag_values.config.optim.num_epochs),
         config_file="a config",
     )
     code, error = _exit(program, argv, capsys)

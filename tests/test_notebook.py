@@ -101,7 +101,7 @@ def test_notebook_runs_top_to_bottom_in_the_tiny_setting(tmp_path):
     # the notebook shows the commands, the tables, the plots and the export's check
     for shown in (
         "$ python -m sdpoint_jax.main all --config experiments/configs/cifar10_quick.py",
-        "--config.model=wrn-10-1",
+        "--config.model.name=wrn-10-1",
         f"results.csv: {len(expected)} rows, 256 test images",
         "$ python -m sdpoint_jax.main select",
         "$ python -m sdpoint_jax.bench latency --model wrn-10-1 --batch 1",

@@ -8,9 +8,9 @@ from sdpoint_jax.config import cifar_config
 
 def get_config(variant=None):
     config = cifar_config("wrn-16-1", "cifar10", variant=variant)
-    config.num_epochs = 2
-    config.lr_drop_epochs = (1.0, 1.5)
-    config.log_every_steps = 10
-    config.checkpoint_every_steps = 200
-    config.precompile = True
+    config.optim.num_epochs = 2
+    config.optim.lr_drop_epochs = (1.0, 1.5)
+    config.run.log_every_steps = 10
+    config.run.checkpoint_every_steps = 200
+    config.compile.precompile = True
     return config

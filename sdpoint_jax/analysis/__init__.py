@@ -44,12 +44,12 @@ def check_one_process() -> None:
 
 
 def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
-    """The first ``images`` examples (default: all) of ``config.eval_split``, in order.
+    """The first ``images`` examples (default: all) of ``config.data.eval_split``, in order.
 
     Yields evaluation batches ``{"image": float32 (B, S, S, 3) normalised, "label": int32
     (B,), "mask": float32 (B,)}`` as :func:`sdpoint_jax.data.eval_batches` does; examples
     past ``images`` get ``mask == 0`` and iteration stops once ``images`` real examples are
-    out. ``B`` is ``config.eval_batch_size``, or less when ``images`` is smaller (rounded
+    out. ``B`` is ``config.data.eval_batch_size``, or less when ``images`` is smaller (rounded
     up to a multiple of the number of devices).
     """
     from sdpoint_jax.data import pipeline
@@ -57,14 +57,14 @@ def analysis_batches(run: Run, images: int | None = None) -> Iterator[Batch]:
     config = run.config
     if images is not None and images <= 0:
         raise ValueError(f"images must be positive, got {images}")
-    batch_size = config.eval_batch_size
+    batch_size = config.data.eval_batch_size
     if images is not None:
         batch_size = min(batch_size, math.ceil(images / run.mesh.size) * run.mesh.size)
     batches = pipeline.eval_batches(
-        config.dataset,
+        config.data.dataset,
         global_batch_size=batch_size,
-        split=config.eval_split,
-        data_dir=config.data_dir,
+        split=config.data.eval_split,
+        data_dir=config.data.data_dir,
     )
     seen = 0
     for batch in batches:

@@ -66,7 +66,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "images", None, "first N test images only (default: all)", lower_bound=1, **define
     )
-    flags.DEFINE_string("data-dir", None, "overrides the configs' data_dir", **define)
+    flags.DEFINE_string("data-dir", None, "overrides the configs' data.data_dir", **define)
     flags.DEFINE_multi_string(
         "label", None, "name of each run in order (default: its workdir name)", **define
     )
@@ -99,7 +99,7 @@ def scale(flag_values: flags.FlagValues) -> list[dict]:
         ScaleModel(label, load_config(spec, data_dir), workdir)
         for label, spec, workdir in zip(labels, specs, workdirs, strict=True)
     ]
-    enable_compilation_cache(models[0].config.compile_cache_dir)
+    enable_compilation_cache(models[0].config.compile.cache_dir)
     return scale_run(
         models,
         Path(flag_values.out),
@@ -115,7 +115,7 @@ def difficulty(flag_values: flags.FlagValues) -> Any:
     if len(flag_values.config) != 1 or len(flag_values.workdir) != 1:
         raise cli.UsageError("difficulty takes one --config and one --workdir")
     config = load_config(flag_values.config[0], flag_values["data-dir"].value)
-    enable_compilation_cache(config.compile_cache_dir)
+    enable_compilation_cache(config.compile.cache_dir)
     return difficulty_run(
         config,
         Path(flag_values.workdir[0]),

@@ -271,8 +271,8 @@ def plot_difficulty_groups(
 
 
 def label_names(config: ml_collections.ConfigDict) -> list[str]:
-    """Class names of ``config.dataset`` from its tensorflow-datasets metadata."""
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    """Class names of ``config.data.dataset`` from its tensorflow-datasets metadata."""
+    builder = tfds.builder(config.data.dataset, data_dir=config.data.data_dir)
     return list(builder.info.features["label"].names)
 
 
@@ -308,8 +308,10 @@ def difficulty_run(
     names = label_names(config)
     out = Path(out)
     write_csv(difficulty_rows(result, names), out / DIFFICULTY_CSV)
-    spec = dataset_spec(config.dataset)
-    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
+    spec = dataset_spec(config.data.dataset)
+    title = f"{config.model.name} on {config.data.dataset}" + (
+        "" if config.sdpoint.enabled else " (no SDPoint)"
+    )
     plot_difficulty_groups(
         result,
         out / DIFFICULTY_PNG,

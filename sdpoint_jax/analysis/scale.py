@@ -217,9 +217,9 @@ def scale_row(
     return {
         "label": label,
         "workdir": str(workdir),
-        "model": config.model,
-        "dataset": config.dataset,
-        "sdpoint": bool(config.sdpoint),
+        "model": config.model.name,
+        "dataset": config.data.dataset,
+        "sdpoint": bool(config.sdpoint.enabled),
         "step": step,
         "images": int(result.cosines.size),
         "factors": " ".join(f"{factor:g}" for factor in result.factors),
@@ -310,7 +310,7 @@ def scale_run(
         rows.append(scale_row(model.label, model.config, run.workdir, step, result))
         results.append((model.label, result))
     write_csv(rows, out / SCALE_CSV)
-    datasets = ", ".join(dict.fromkeys(model.config.dataset for model in models))
+    datasets = ", ".join(dict.fromkeys(model.config.data.dataset for model in models))
     plot_scale_sensitivity(results, out / SCALE_PNG, title=f"scale sensitivity on {datasets}")
     for row in rows:
         print(f"{row['label']:>20}: mean pairwise cosine {row['mean_cosine']:.4f}")

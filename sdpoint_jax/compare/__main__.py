@@ -1,9 +1,9 @@
 """``python -m sdpoint_jax.compare --config experiments/configs/compare_*.py --workdir DIR``.
 
-Trains every method named in ``config.methods`` with identical data, schedule and seed
+Trains every method named in ``config.compare.methods`` with identical data, schedule and seed
 (each in ``WORKDIR/<method>/``, resumable), evaluates every cost setting of each, and
 writes ``WORKDIR/compare.csv`` and ``WORKDIR/compare.png`` (error against GFLOPs, a
-line per method). Config fields can be overridden: ``--config.num_epochs=1``.
+line per method). Config fields can be overridden: ``--config.optim.num_epochs=1``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def compare(flag_values: flags.FlagValues) -> None:
     from sdpoint_jax.compare.trainer import Preempted
     from sdpoint_jax.training.programs import enable_compilation_cache
 
-    enable_compilation_cache(flag_values.config.compile_cache_dir)
+    enable_compilation_cache(flag_values.config.compile.cache_dir)
     try:
         run_comparison(flag_values.config, flag_values.workdir)
     except Preempted as stop:

@@ -1,11 +1,11 @@
 """The comparison's methods by name, built from a run config.
 
 Names: ``baseline`` (the plain network), ``sdpoint`` (gives the UBN curve too), ``ms``
-(multiscale training, sizes ``config.ms_min_size..config.ms_max_size``), ``ee`` (early
+(multiscale training, sizes ``config.compare.ms_min_size..ms_max_size``), ``ee`` (early
 exits) and ``ee-ge-isc-ofa`` (with Gradient Equilibrium, Inline Subnetwork
-Collaboration and one-for-all distillation at ``config.ofa_temperature`` /
-``config.ofa_alpha``), ``dropout`` (``config.dropout_rate``) and ``stochastic-depth``
-(``config.stochastic_depth``). Early exits, dropout and stochastic depth need a WRN.
+Collaboration and one-for-all distillation at ``config.compare.ofa_temperature`` /
+``ofa_alpha``), ``dropout`` (``config.compare.dropout_rate``) and ``stochastic-depth``
+(``config.compare.stochastic_depth``). Early exits, dropout and stochastic depth need a WRN.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ Builder = Callable[[ml_collections.ConfigDict, int], Method]
 def _sdpoint(sdpoint: bool) -> Builder:
     def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
         return SDPointMethod(
-            config.model,
+            config.model.name,
             num_classes,
             sdpoint=sdpoint,
-            ratios=tuple(config.ratios),
+            ratios=tuple(config.sdpoint.ratios),
         )
 
     return build
@@ -39,19 +39,19 @@ def _sdpoint(sdpoint: bool) -> Builder:
 
 def _multiscale(config: ml_collections.ConfigDict, num_classes: int) -> Method:
     return MultiscaleMethod(
-        config.model,
+        config.model.name,
         num_classes,
-        min_size=config.ms_min_size,
-        max_size=config.ms_max_size,
+        min_size=config.compare.ms_min_size,
+        max_size=config.compare.ms_max_size,
         name="ms",
     )
 
 
 def _early_exits(techniques: bool) -> Builder:
     def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
-        match = re.fullmatch(r"wrn-(\d+)-(\d+)", config.model)
+        match = re.fullmatch(r"wrn-(\d+)-(\d+)", config.model.name)
         if not match:
-            raise ValueError(f"early exits are built on a WRN (wrn-D-W), got {config.model!r}")
+            raise ValueError(f"early exits are built on a WRN (wrn-D-W), got {config.model.name!r}")
         return EarlyExitMethod(
             int(match[1]),
             int(match[2]),
@@ -59,8 +59,8 @@ def _early_exits(techniques: bool) -> Builder:
             ge=techniques,
             isc=techniques,
             ofa=techniques,
-            temperature=config.ofa_temperature,
-            alpha=config.ofa_alpha,
+            temperature=config.compare.ofa_temperature,
+            alpha=config.compare.ofa_alpha,
         )
 
     return build
@@ -69,9 +69,9 @@ def _early_exits(techniques: bool) -> Builder:
 def _regularised(option: str, name: str) -> Builder:
     def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
         return RegularisedMethod(
-            config.model,
+            config.model.name,
             num_classes,
-            **{option: config[option]},
+            **{option: config.compare[option]},
             name=name,
         )
 
@@ -94,5 +94,5 @@ def build_method(name: str, config: ml_collections.ConfigDict) -> Method:
     data set."""
     if name not in BUILDERS:
         raise ValueError(f"unknown comparison method {name!r}; choose from {sorted(BUILDERS)}")
-    num_classes = dataset_spec(config.dataset).num_classes
+    num_classes = dataset_spec(config.data.dataset).num_classes
     return BUILDERS[name](config, num_classes)

@@ -16,16 +16,16 @@ from sdpoint_jax.training import parallel
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Row]:
-    """Trains and evaluates every method of ``config.methods`` in ``workdir``.
+    """Trains and evaluates every method of ``config.compare.methods`` in ``workdir``.
 
     Every method is built (and its name checked) before anything is trained. Rows of
     each method are also kept in ``workdir/<method>/rows.json``, so a rerun after an
     interruption neither retrains nor re-evaluates finished methods.
     """
     workdir = Path(workdir)
-    methods = [build_method(name, config) for name in config.methods]
+    methods = [build_method(name, config) for name in config.compare.methods]
     mesh = parallel.create_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.optim.batch_size, mesh)
     rows: list[Row] = []
     for method in methods:
         directory = workdir / method.name
@@ -39,7 +39,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> li
         done.write_text(json.dumps(method_rows, indent=1) + "\n")
         rows += method_rows
     write_csv(rows, workdir / COMPARE_CSV)
-    plot_compare(rows, workdir / COMPARE_PNG, title=f"{config.model} on {config.dataset}")
+    plot_compare(rows, workdir / COMPARE_PNG, title=f"{config.model.name} on {config.data.dataset}")
     for row in rows:
         tqdm.write(
             f"{row['curve']:>22} {row['setting']:>14} {row['gflops']:8.4f} GFLOPs "

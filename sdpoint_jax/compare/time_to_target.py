@@ -1,19 +1,19 @@
 """Wall time to a target test accuracy: plain, low-mode, SDPoint and SDPoint + low mode.
 
 ``python -m sdpoint_jax.time_to_accuracy --config experiments/configs/lowmode_cifar10_quick.py
---workdir DIR`` trains one run per entry of ``config.training_settings`` (each in
+--workdir DIR`` trains one run per entry of ``config.time_to_accuracy.training_settings`` (each in
 ``DIR/<setting>/``, with :func:`sdpoint_jax.training.loop.train`: same data order, schedule and
 seed) and reports, per setting, the training seconds and steps until the full
-network's test accuracy first reached each of ``config.accuracy_targets``.
+network's test accuracy first reached each of ``config.time_to_accuracy.accuracy_targets``.
 
 A setting names what is switched on: ``"baseline"`` (the plain network), ``"low"``
-(low mode with probability ``config.low_mode_prob``), ``"sdpoint"``, and
-``"sdpoint+low"`` (both). Settings without ``low`` train with ``low_mode_prob = 0``.
+(low mode with probability ``config.low_mode.prob``), ``"sdpoint"``, and
+``"sdpoint+low"`` (both). Settings without ``low`` train with ``low_mode.prob = 0``.
 
 Times are the ``train_seconds`` the training loop logs with every evaluation:
 wall-clock seconds of the training steps only (evaluation and checkpoint saves are
-paused out; compiling the step programs beforehand, ``config.precompile``, is reported
-apart as ``compile_seconds``). Accuracy is checked every ``config.eval_every_epochs``,
+paused out; compiling the step programs beforehand, ``config.compile.precompile``, is reported
+apart as ``compile_seconds``). Accuracy is checked every ``config.run.eval_every_epochs``,
 so a time is the time of the first evaluation at or above the target. A run that was
 interrupted and resumed adds up its invocations' seconds; the steps between its last
 evaluation and the interruption are then not counted.
@@ -43,12 +43,12 @@ def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collec
     """``config`` with SDPoint and low mode switched as ``setting`` names them."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown training setting {setting!r}; choose from {SETTINGS}")
-    if "low" in setting and config.low_mode_prob == 0.0 and not config.low_mode_epoch_probs:
-        raise ValueError(f"setting {setting!r} needs config.low_mode_prob > 0")
+    if "low" in setting and config.low_mode.prob == 0.0 and not config.low_mode.epoch_probs:
+        raise ValueError(f"setting {setting!r} needs config.low_mode.prob > 0")
     config = ml_collections.ConfigDict(config.to_dict())
-    config.sdpoint = setting.startswith("sdpoint")
+    config.sdpoint.enabled = setting.startswith("sdpoint")
     if "low" not in setting:
-        config.low_mode_prob, config.low_mode_epoch_probs = 0.0, None
+        config.low_mode.prob, config.low_mode.epoch_probs = 0.0, None
     return config
 
 
@@ -101,14 +101,15 @@ def run_setting(config: ml_collections.ConfigDict, workdir: Path) -> list[dict[s
 
 
 def time_to_accuracy(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
-    """Trains every setting of ``config.training_settings`` and writes the table."""
+    """Trains every setting of ``config.time_to_accuracy.training_settings`` and writes
+    the table."""
     from sdpoint_jax.bench import report
     from sdpoint_jax.evaluation.evaluate import write_csv
 
     workdir = Path(workdir)
-    targets = tuple(float(t) for t in config.accuracy_targets)
+    targets = tuple(float(t) for t in config.time_to_accuracy.accuracy_targets)
     rows = []
-    for setting in config.training_settings:
+    for setting in config.time_to_accuracy.training_settings:
         print(f"== {setting}", flush=True)
         log_rows = run_setting(setting_config(config, setting), workdir / setting)
         rows.append({"setting": setting, **summarize(log_rows, targets)})

@@ -47,8 +47,8 @@ def train_method(
     mesh: Mesh,
 ) -> Variables:
     """Trains ``method`` with the project's training loop
-    (:func:`sdpoint_jax.training.loop.fit`) for ``config.num_epochs`` (or
-    ``config.max_steps``) and returns its variables, resuming from
+    (:func:`sdpoint_jax.training.loop.fit`) for ``config.optim.num_epochs`` (or
+    ``config.run.max_steps``) and returns its variables, resuming from
     ``directory/checkpoints`` when a checkpoint exists.
 
     Raises:
@@ -75,10 +75,10 @@ def _outputs(
     outputs: list[list[np.ndarray]] = []
     labels = []
     batches = pipeline.eval_batches(
-        config.dataset,
-        global_batch_size=config.eval_batch_size,
+        config.data.dataset,
+        global_batch_size=config.data.eval_batch_size,
         split=split,
-        data_dir=config.data_dir,
+        data_dir=config.data.data_dir,
     )
     for batch in tqdm(batches, desc=desc, unit="batch"):
         real = batch["mask"] > 0
@@ -105,13 +105,13 @@ def evaluate_method(
     """Top-1 error (%) and GFLOPs per image of ``method`` on the evaluation split.
 
     Rows (``kind``): one per eval setting (``"setting"``); with
-    ``config.stochastic_passes > 0`` and a method that has stochastic inference, one
+    ``config.compare.stochastic_passes > 0`` and a method that has stochastic inference, one
     ``"stochastic"`` row (mean softmax over that many random passes; GFLOPs = the
-    passes' total); for a method with exits and a ``config.holdout_split``, one
-    ``"budgeted"`` row per target of ``config.budget_points`` evenly spaced average
+    passes' total); for a method with exits and a ``config.data.holdout_split``, one
+    ``"budgeted"`` row per target of ``config.cascade.budget_points`` evenly spaced average
     costs (confidence thresholds fit on the held-out split, applied to the eval split).
     """
-    spec = pipeline.dataset_spec(config.dataset)
+    spec = pipeline.dataset_spec(config.data.dataset)
     settings = list(method.eval_settings())
     placed = parallel.replicate(variables, mesh)
 
@@ -123,7 +123,7 @@ def evaluate_method(
         return tuple(predict(variables, images, setting=setting) for setting in settings)
 
     predictions, labels = _outputs(
-        per_setting, placed, config, mesh, config.eval_split, f"evaluate {method.name}"
+        per_setting, placed, config, mesh, config.data.eval_split, f"evaluate {method.name}"
     )
     rows = [
         {
@@ -137,15 +137,15 @@ def evaluate_method(
         }
         for setting, predicted in zip(settings, predictions, strict=True)
     ]
-    if config.stochastic_passes > 0 and method.has_stochastic_inference():
-        passes = config.stochastic_passes
+    if config.compare.stochastic_passes > 0 and method.has_stochastic_inference():
+        passes = config.compare.stochastic_passes
         key = jax.random.key(config.seed)
         (probabilities,), labels = _outputs(
             lambda v, images: (method.stochastic_probabilities(v, images, key, passes),),
             placed,
             config,
             mesh,
-            config.eval_split,
+            config.data.eval_split,
             f"stochastic inference {method.name}",
         )
         mean_gflops = np.mean([row["gflops"] for row in rows])
@@ -160,7 +160,7 @@ def evaluate_method(
                 "examples": len(labels),
             }
         )
-    if config.holdout_split and method.has_exits():
+    if config.data.holdout_split and method.has_exits():
         rows += _budgeted_rows(method, placed, config, mesh)
     return rows
 
@@ -168,18 +168,20 @@ def evaluate_method(
 def _budgeted_rows(
     method: Method, variables: Variables, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> list[Row]:
-    """Budgeted inference (MSDNet/IMTA): thresholds fit on ``config.holdout_split`` for
+    """Budgeted inference (MSDNet/IMTA): thresholds fit on ``config.data.holdout_split`` for
     each target average cost, error and average cost measured on the eval split."""
-    exit_gflops = method.exit_gflops(pipeline.dataset_spec(config.dataset).image_size)
+    exit_gflops = method.exit_gflops(pipeline.dataset_spec(config.data.dataset).image_size)
     fn = jax.jit(lambda v, images: (method.exit_probabilities(v, images),))
     (fit_probs,), _ = _outputs(
-        fn, variables, config, mesh, config.holdout_split, f"fit thresholds {method.name}"
+        fn, variables, config, mesh, config.data.holdout_split, f"fit thresholds {method.name}"
     )
     (test_probs,), labels = _outputs(
-        fn, variables, config, mesh, config.eval_split, f"budgeted {method.name}"
+        fn, variables, config, mesh, config.data.eval_split, f"budgeted {method.name}"
     )
     rows = []
-    for target in np.linspace(exit_gflops[0], exit_gflops[-1], config.budget_points + 2)[1:-1]:
+    for target in np.linspace(exit_gflops[0], exit_gflops[-1], config.cascade.budget_points + 2)[
+        1:-1
+    ]:
         thresholds = fit_thresholds(fit_probs, exit_gflops, float(target))
         gflops, error = budgeted_eval(test_probs, labels, thresholds, exit_gflops)
         rows.append(

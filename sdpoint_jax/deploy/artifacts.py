@@ -256,7 +256,7 @@ def run_config(
     with CheckpointManager(checkpoints) as manager:
         config = config_from_saved(manager.saved_config())
     if data_dir is not None:
-        config.data_dir = data_dir
+        config.data.data_dir = data_dir
     return config
 
 
@@ -282,16 +282,16 @@ def export_run(
         f"for {list(platforms)}"
     )
     variables = jax.device_get(state.variables)
-    errors = measured_errors(run.run_dir, chosen, config.bn_mode, source)
+    errors = measured_errors(run.run_dir, chosen, config.sdpoint.bn_mode, source)
     info = {
-        "model": config.model,
-        "dataset": config.dataset,
+        "model": config.model.name,
+        "dataset": config.data.dataset,
         "num_classes": model.num_classes,
         "step": source.step,
         "statistics": source.statistics,
-        "bn_mode": config.bn_mode,
+        "bn_mode": config.sdpoint.bn_mode,
     }
-    spec = dataset_spec(config.dataset)
+    spec = dataset_spec(config.data.dataset)
     manifest = write_export(
         Path(out), model, variables, chosen, spec, platforms=platforms, info=info, errors=errors
     )

@@ -33,25 +33,25 @@ from sdpoint_jax.training.run_dir import RunDir, write_rows_json
 
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Recomputes every instance's BN statistics over ``config.calibration_batches``
+    """Recomputes every instance's BN statistics over ``config.sdpoint.calibration_batches``
     fixed training batches (training augmentation with fixed seeds unless
-    ``config.calibration_augment`` is off) and saves them in ``calibrated/``."""
+    ``config.sdpoint.calibration_augment`` is off) and saves them in ``calibrated/``."""
     run = Run.create(config, workdir)
     state, draws = run.restore()
     step = int(state.step)
     batches = pipeline.calibration_batches(
-        config.dataset,
-        global_batch_size=config.batch_size,
-        num_batches=config.calibration_batches,
+        config.data.dataset,
+        global_batch_size=config.optim.batch_size,
+        num_batches=config.sdpoint.calibration_batches,
         seed=config.seed,
-        data_dir=config.data_dir,
-        augment=config.calibration_augment,
-        train_split=config.train_split,
+        data_dir=config.data.data_dir,
+        augment=config.sdpoint.calibration_augment,
+        train_split=config.data.train_split,
     )
     print(
         f"calibrating {len(run.model.space)} instances of step {step} on "
-        f"{config.calibration_batches} x {config.batch_size} training images"
-        + (" (training augmentation)" if config.calibration_augment else "")
+        f"{config.sdpoint.calibration_batches} x {config.optim.batch_size} training images"
+        + (" (training augmentation)" if config.sdpoint.calibration_augment else "")
     )
     variables = calibrate(run.model, state.variables, batches, list(run.model.space), mesh=run.mesh)
     calibrated = state.replace(batch_stats=variables["batch_stats"])
@@ -67,27 +67,27 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
 
 
 def cascade_holdout(config: ml_collections.ConfigDict) -> str:
-    """``config.holdout_split``, the held-out training images a cascade's thresholds are
-    fit on; prints a warning when ``config.train_split`` is unset (training then used
+    """``config.data.holdout_split``, the held-out training images a cascade's thresholds are
+    fit on; prints a warning when ``config.data.train_split`` is unset (training then used
     every training image, the held-out ones included).
 
     Raises:
-      ValueError: ``config.holdout_split`` is unset.
+      ValueError: ``config.data.holdout_split`` is unset.
     """
-    if not config.holdout_split:
+    if not config.data.holdout_split:
         raise ValueError(
             "--cascade fits its thresholds on held-out training images, but "
-            "config.holdout_split is not set; train with e.g. "
-            "--config.train_split=train[:45000] --config.holdout_split=train[45000:] "
+            "config.data.holdout_split is not set; train with e.g. "
+            "--config.data.train_split=train[:45000] --config.data.holdout_split=train[45000:] "
             "and evaluate with the same config"
         )
-    if config.train_split is None:
+    if config.data.train_split is None:
         print(
-            f"warning: config.train_split is not set, so the model was trained on every "
-            f"training image, {config.holdout_split!r} included: the cascade's thresholds "
+            f"warning: config.data.train_split is not set, so the model was trained on every "
+            f"training image, {config.data.holdout_split!r} included: the cascade's thresholds "
             f"are fit on images it has seen"
         )
-    return config.holdout_split
+    return config.data.holdout_split
 
 
 def evaluate_run(
@@ -101,8 +101,8 @@ def evaluate_run(
 
     With ``cascade``, also a confidence cascade across the chosen instances
     (:mod:`sdpoint_jax.evaluation.cascade`) with the model's own statistics (per-instance BN for
-    an SDPoint run): stages and thresholds fit on ``config.holdout_split`` for
-    ``config.budget_points`` target average costs, measured on ``config.eval_split``;
+    an SDPoint run): stages and thresholds fit on ``config.data.holdout_split`` for
+    ``config.cascade.budget_points`` target average costs, measured on ``config.data.eval_split``;
     writes ``cascade.csv`` and ``cascade.json`` and adds its curve to
     ``cost_error.png``. Returns the instance rows either way.
     """
@@ -110,7 +110,7 @@ def evaluate_run(
     run, state, source = restore_for_evaluation(config, workdir)
     files = run.run_dir
     chosen = run.model.space.parse_list(instances)
-    bn_modes = ("instance", "uniform") if config.bn_mode == "instance" else ("uniform",)
+    bn_modes = ("instance", "uniform") if config.sdpoint.bn_mode == "instance" else ("uniform",)
     print(
         f"evaluating {len(chosen)} instances x {bn_modes} at step {source.step}, "
         f"{source.describe()}"
@@ -118,17 +118,17 @@ def evaluate_run(
 
     def batches(split: str | None) -> Iterator[dict]:
         return pipeline.eval_batches(
-            config.dataset,
-            global_batch_size=config.eval_batch_size,
+            config.data.dataset,
+            global_batch_size=config.data.eval_batch_size,
             split=split,
-            data_dir=config.data_dir,
+            data_dir=config.data.data_dir,
         )
 
     input_hw = (run.image_size, run.image_size)
     rows = evaluate_instances(
         run.model,
         state.variables,
-        batches(config.eval_split),
+        batches(config.data.eval_split),
         chosen,
         input_hw=input_hw,
         bn_modes=bn_modes,
@@ -140,15 +140,17 @@ def evaluate_run(
     written = [files.results_csv, files.results_json, files.cost_error_png]
     curves = {}
     if cascade:
-        print(f"cascade: thresholds fit on {holdout!r}, {config.budget_points} target costs")
+        print(
+            f"cascade: thresholds fit on {holdout!r}, {config.cascade.budget_points} target costs"
+        )
         cascade_rows = evaluate_cascade(
             run.model,
             state.variables,
             batches(holdout),
-            batches(config.eval_split),
+            batches(config.data.eval_split),
             chosen,
             input_hw=input_hw,
-            budget_points=config.budget_points,
+            budget_points=config.cascade.budget_points,
             single_rows=rows,
             mesh=run.mesh,
             progress=True,
@@ -160,7 +162,9 @@ def evaluate_run(
         stages = cascade_rows[0]["stages"].count(",") + 1
         label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN)"
         curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
-    title = f"{config.model} on {config.dataset}" + ("" if config.sdpoint else " (no SDPoint)")
+    title = f"{config.model.name} on {config.data.dataset}" + (
+        "" if config.sdpoint.enabled else " (no SDPoint)"
+    )
     plot_cost_error(rows, files.cost_error_png, title=title, extra_curves=curves)
     print(f"wrote {', '.join(path.name for path in written)} in {run.workdir}")
     return rows

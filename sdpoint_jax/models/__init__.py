@@ -12,6 +12,7 @@ Names (case-insensitive):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -24,14 +25,41 @@ from sdpoint_jax.models.resnext import resnext
 from sdpoint_jax.models.vgg import VGG
 from sdpoint_jax.models.wrn import WideResNet
 
-_PATTERNS: tuple[tuple[str, Callable[..., SDPointModel]], ...] = (
-    (r"wrn-(\d+)-(\d+)", lambda d, w, **kw: WideResNet(depth=int(d), width=int(w), **kw)),
-    (r"densenet-bc-(\d+)-(\d+)", lambda d, g, **kw: DenseNetBC(depth=int(d), growth=int(g), **kw)),
-    (r"vgg-(\d+)", lambda d, **kw: VGG(depth=int(d), **kw)),
-    (r"resnet-(\d+)", lambda d, **kw: ResNet(depth=int(d), **kw)),
-    (r"preresnet-(\d+)", lambda d, **kw: PreResNet(depth=int(d), **kw)),
-    (r"resnext-(\d+)-(\d+)x(\d+)d", lambda d, c, w, **kw: resnext(int(d), int(c), int(w), **kw)),
+
+@dataclasses.dataclass(frozen=True)
+class TrainingDefaults:
+    """An architecture's default optimisation hyper-parameters (its paper's setting)."""
+
+    batch_size: int
+    weight_decay: float
+    lr_decay: float  # factor of each learning-rate drop
+
+
+_CIFAR_RESNET = TrainingDefaults(batch_size=128, weight_decay=5e-4, lr_decay=0.2)
+_DENSENET = TrainingDefaults(batch_size=64, weight_decay=1e-4, lr_decay=0.1)
+_IMAGENET = TrainingDefaults(batch_size=256, weight_decay=1e-4, lr_decay=0.1)
+
+_REGISTRY: tuple[tuple[str, Callable[..., SDPointModel], TrainingDefaults], ...] = (
+    (
+        r"wrn-(\d+)-(\d+)",
+        lambda d, w, **kw: WideResNet(depth=int(d), width=int(w), **kw),
+        _CIFAR_RESNET,
+    ),
+    (
+        r"densenet-bc-(\d+)-(\d+)",
+        lambda d, g, **kw: DenseNetBC(depth=int(d), growth=int(g), **kw),
+        _DENSENET,
+    ),
+    (r"vgg-(\d+)", lambda d, **kw: VGG(depth=int(d), **kw), _CIFAR_RESNET),
+    (r"resnet-(\d+)", lambda d, **kw: ResNet(depth=int(d), **kw), _IMAGENET),
+    (r"preresnet-(\d+)", lambda d, **kw: PreResNet(depth=int(d), **kw), _IMAGENET),
+    (
+        r"resnext-(\d+)-(\d+)x(\d+)d",
+        lambda d, c, w, **kw: resnext(int(d), int(c), int(w), **kw),
+        _IMAGENET,
+    ),
 )
+"""Per architecture family: name pattern, builder, default training hyper-parameters."""
 
 PAPER_MODELS = (
     "wrn-28-10",
@@ -43,23 +71,35 @@ PAPER_MODELS = (
 """The architectures evaluated in the SDPoint paper."""
 
 
+def _lookup(name: str) -> tuple[re.Match, Callable[..., SDPointModel], TrainingDefaults]:
+    key = name.strip().lower()
+    for pattern, build, defaults in _REGISTRY:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return match, build, defaults
+    raise ValueError(
+        f"unknown model {name!r}; expected one of: wrn-D-W, densenet-bc-D-G, vgg-D, "
+        f"resnet-D, preresnet-D, resnext-D-CxWd (e.g. {', '.join(PAPER_MODELS)})"
+    )
+
+
 def create(name: str, **kwargs: Any) -> SDPointModel:
     """Builds a model by name; ``kwargs`` are model fields (``num_classes``, ``ratios``,
     ``bn_mode``, ``dtype``, ``stem_point`` for ImageNet nets, ...).
 
     The architecture is validated eagerly (e.g. an impossible depth raises here).
     """
-    key = name.strip().lower()
-    for pattern, build in _PATTERNS:
-        match = re.fullmatch(pattern, key)
-        if match:
-            model = build(*match.groups(), **kwargs)
-            model.space  # noqa: B018 - validates depth/width and ratios now
-            return model
-    raise ValueError(
-        f"unknown model {name!r}; expected one of: wrn-D-W, densenet-bc-D-G, vgg-D, "
-        f"resnet-D, preresnet-D, resnext-D-CxWd (e.g. {', '.join(PAPER_MODELS)})"
-    )
+    match, build, _ = _lookup(name)
+    model = build(*match.groups(), **kwargs)
+    model.space  # noqa: B018 - validates depth/width and ratios now
+    return model
+
+
+def training_defaults(name: str) -> TrainingDefaults:
+    """The default batch size, weight decay and learning-rate decay of the architecture
+    ``name`` (WRN and VGG: 128, 5e-4, x0.2; DenseNet-BC: 64, 1e-4, x0.1; the ImageNet
+    ResNet, PreResNet and ResNeXt: 256, 1e-4, x0.1). ``ValueError`` for an unknown name."""
+    return _lookup(name)[2]
 
 
 __all__ = [
@@ -69,7 +109,9 @@ __all__ = [
     "PreResNet",
     "ResNet",
     "SDPointModel",
+    "TrainingDefaults",
     "WideResNet",
     "create",
     "resnext",
+    "training_defaults",
 ]

@@ -4,17 +4,17 @@ trained by the same loop (:mod:`sdpoint_jax.compare.trainer`).
 
 Every step draws one instance ``(p, r)`` on the host from a generator seeded by
 ``(seed, step)`` (so a resumed run draws the same sequence) and runs the train step
-compiled for that instance. ``config.sdpoint = False`` trains the plain network with
+compiled for that instance. ``config.sdpoint.enabled = False`` trains the plain network with
 the same code (every step is the full instance).
 
 Low mode (:mod:`sdpoint_jax.core.lowmode`, paper 003; off by default): with
-``config.low_mode_prob > 0`` (or per-epoch ``config.low_mode_epoch_probs``) each step
+``config.low_mode.prob > 0`` (or per-epoch ``config.low_mode.epoch_probs``) each step
 first draws, from its own generator seeded by ``(seed, step)``, whether it runs in
 low mode. A low-mode step runs the *full* network in low mode (inputs and eligible
-kernels downsampled by ``config.low_mode_ratio``); any other step draws an SDPoint
+kernels downsampled by ``config.low_mode.ratio``); any other step draws an SDPoint
 instance exactly as without low mode. So a step is low-mode, an SDPoint instance, or
 full, and the instances of the other steps are those of the same run without low
-mode. Full mode is forced for ``config.full_mode_epochs_after_drop`` epochs after
+mode. Full mode is forced for ``config.low_mode.full_epochs_after_drop`` epochs after
 each learning-rate drop. Low-mode steps do not update running batch-norm statistics;
 evaluation runs in full mode.
 
@@ -52,7 +52,7 @@ from sdpoint_jax.training.steps import program_fingerprint, train_programs
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
     """Trains ``config`` with SDPoint in ``workdir`` (checkpoints in
     ``workdir/checkpoints``), evaluating the full network every
-    ``config.eval_every_epochs`` and keeping the best checkpoint too.
+    ``config.run.eval_every_epochs`` and keeping the best checkpoint too.
 
     With ``resume`` the latest checkpoint is restored and training continues exactly
     as an uninterrupted run would; without it, an existing checkpoint is an error
@@ -65,53 +65,57 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
 def fit(
     run: Run, *, resume: bool, evaluate: bool, keep_last: int | None = None
 ) -> tuple[TrainState, bool]:
-    """Trains ``run.trainee`` for ``config.num_epochs`` (or up to ``config.max_steps``):
+    """Trains ``run.trainee`` for ``config.optim.num_epochs`` (or up to ``config.run.max_steps``):
     the one training loop of the project, for SDPoint and for every method of the
     comparison. Returns the final state and whether SIGTERM stopped it (after saving).
 
     Every step runs the program of ``trainee.train_setting(seed, step)`` on the batch
     of that step; checkpoints (and the draws per setting) are saved atomically every
-    ``config.checkpoint_every_steps`` steps, at the end and on SIGTERM. With
+    ``config.run.checkpoint_every_steps`` steps, at the end and on SIGTERM. With
     ``evaluate``, the full network's top-1 accuracy is measured every
-    ``config.eval_every_epochs`` (the best checkpoint is kept too). ``resume``: see
+    ``config.run.eval_every_epochs`` (the best checkpoint is kept too). ``resume``: see
     :func:`train`. ``keep_last``: checkpoints kept (default
-    ``config.keep_checkpoints``).
+    ``config.run.keep_checkpoints``).
     """
     config = run.config
     run.workdir.mkdir(parents=True, exist_ok=True)
     state, draws = _start_state(run, resume)
     start = int(state.step)
-    end = run.total_steps if config.max_steps is None else min(config.max_steps, run.total_steps)
+    end = (
+        run.total_steps
+        if config.run.max_steps is None
+        else min(config.run.max_steps, run.total_steps)
+    )
     programs = train_programs(
         run.trainee,
         run.tx,
         state,
         run.mesh,
-        config.batch_size,
+        config.optim.batch_size,
         run.image_size,
         program_fingerprint(config, run.trainee, run.steps_per_epoch),
-        conv_lowering=config.conv_lowering,
+        conv_lowering=config.compile.conv_lowering,
         seed=config.seed,
     )
     logger = _MetricsLogger(run.run_dir, jax.process_index() == 0)
-    if config.precompile:
+    if config.compile.precompile:
         compile_start = time.perf_counter()
-        programs.precompile(run.program_keys, workers=config.compile_workers)
+        programs.precompile(run.program_keys, workers=config.compile.workers)
         logger.write(start, {"compile_seconds": time.perf_counter() - compile_start}, None)
-    eval_every = max(1, round(config.eval_every_epochs * run.steps_per_epoch))
+    eval_every = max(1, round(config.run.eval_every_epochs * run.steps_per_epoch))
     batches = pipeline.train_batches(
-        config.dataset,
-        global_batch_size=config.batch_size,
+        config.data.dataset,
+        global_batch_size=config.optim.batch_size,
         seed=config.seed,
         start_step=start,
-        data_dir=config.data_dir,
-        train_split=config.train_split,
+        data_dir=config.data.data_dir,
+        train_split=config.data.train_split,
     )
     draws = Counter(draws)
     stopped = False
     with (
         run.checkpoints(
-            keep_last=config.keep_checkpoints if keep_last is None else keep_last,
+            keep_last=config.run.keep_checkpoints if keep_last is None else keep_last,
             keep_best=1 if evaluate else 0,
             best_metric="top1_accuracy" if evaluate else None,
         ) as manager,
@@ -134,10 +138,12 @@ def fit(
             key = run.trainee.train_setting(config.seed, step)
             draws[str(key)] += 1
             state, metrics = programs[key](state, batch)
-            if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
+            if (step + 1) % config.run.log_every_steps == 0 or step + 1 == end:
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 now = time.perf_counter()
-                images_per_sec = (step + 1 - last_log[0]) * config.batch_size / (now - last_log[1])
+                images_per_sec = (
+                    (step + 1 - last_log[0]) * config.optim.batch_size / (now - last_log[1])
+                )
                 last_log = (step + 1, now)
                 logger.write(
                     step + 1,
@@ -167,7 +173,11 @@ def fit(
                     )
                     save(step + 1, state, draws, {"top1_accuracy": top1})
                 last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
-            elif (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == end or preempted():
+            elif (
+                (step + 1) % config.run.checkpoint_every_steps == 0
+                or step + 1 == end
+                or preempted()
+            ):
                 with clock.paused(state):
                     save(step + 1, state, draws, None)
             if preempted():
@@ -203,10 +213,10 @@ def _save(manager, config, step, state, draws, metrics) -> None:
 def _full_accuracy(run: Run, state: TrainState) -> float:
     """Top-1 accuracy (%) of the full instance on the eval split (instance BN)."""
     batches = pipeline.eval_batches(
-        run.config.dataset,
-        global_batch_size=run.config.eval_batch_size,
-        split=run.config.eval_split,
-        data_dir=run.config.data_dir,
+        run.config.data.dataset,
+        global_batch_size=run.config.data.eval_batch_size,
+        split=run.config.data.eval_split,
+        data_dir=run.config.data.data_dir,
     )
     (row,) = evaluate_instances(
         run.model,

@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sdpoint_jax.config import base_config
+from sdpoint_jax.config import config_from_saved, get_field
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.training import parallel
@@ -36,25 +36,25 @@ from sdpoint_jax.training.trainee import SDPointTrainee, Setting, Trainee
 
 # Config entries that must not change when a run is resumed.
 RESUME_INVARIANTS = (
-    "dataset",
-    "train_split",
-    "model",
-    "sdpoint",
-    "ratios",
-    "bn_mode",
-    "batch_size",
-    "num_epochs",
-    "learning_rate",
-    "lr_drop_epochs",
-    "lr_decay",
-    "momentum",
-    "weight_decay",
+    "data.dataset",
+    "data.train_split",
+    "model.name",
+    "sdpoint.enabled",
+    "sdpoint.ratios",
+    "sdpoint.bn_mode",
+    "optim.batch_size",
+    "optim.num_epochs",
+    "optim.learning_rate",
+    "optim.lr_drop_epochs",
+    "optim.lr_decay",
+    "optim.momentum",
+    "optim.weight_decay",
     "seed",
-    "low_mode_prob",
-    "low_mode_epoch_probs",
-    "low_mode_ratio",
-    "low_mode_resize",
-    "full_mode_epochs_after_drop",
+    "low_mode.prob",
+    "low_mode.epoch_probs",
+    "low_mode.ratio",
+    "low_mode.resize",
+    "low_mode.full_epochs_after_drop",
 )
 
 
@@ -73,13 +73,13 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
-    spec = pipeline.dataset_spec(config.dataset)
+    spec = pipeline.dataset_spec(config.data.dataset)
     return create(
-        config.model,
+        config.model.name,
         num_classes=spec.num_classes,
-        ratios=tuple(config.ratios),
-        bn_mode=config.bn_mode,
-        dtype=jnp.dtype(config.dtype),
+        ratios=tuple(config.sdpoint.ratios),
+        bn_mode=config.sdpoint.bn_mode,
+        dtype=jnp.dtype(config.model.dtype),
     )
 
 
@@ -87,10 +87,10 @@ def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
+        optax.add_decayed_weights(config.optim.weight_decay),
         optax.sgd(
             learning_rate_schedule(config, steps_per_epoch),
-            momentum=config.momentum,
+            momentum=config.optim.momentum,
             nesterov=True,
         ),
     )
@@ -129,15 +129,18 @@ class Run:
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         mesh = parallel.create_mesh()
-        parallel.check_batch_size(config.batch_size, mesh)
+        parallel.check_batch_size(config.optim.batch_size, mesh)
         steps = pipeline.steps_per_epoch(
-            config.dataset, config.batch_size, config.data_dir, config.train_split
+            config.data.dataset,
+            config.optim.batch_size,
+            config.data.data_dir,
+            config.data.train_split,
         )
         low_mode = low_mode_schedule(config, steps)
         if low_mode is not None:
-            image_size = pipeline.dataset_spec(config.dataset).image_size
+            image_size = pipeline.dataset_spec(config.data.dataset).image_size
             low_mode.mode.input_hw((image_size, image_size))
-        trainee = SDPointTrainee(create_model(config), config.sdpoint, low_mode)
+        trainee = SDPointTrainee(create_model(config), config.sdpoint.enabled, low_mode)
         return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
 
     @classmethod
@@ -145,9 +148,12 @@ class Run:
         cls, trainee: Trainee, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh
     ) -> Run:
         """A run of ``trainee`` with ``config``'s data, schedule and seed."""
-        parallel.check_batch_size(config.batch_size, mesh)
+        parallel.check_batch_size(config.optim.batch_size, mesh)
         steps = pipeline.steps_per_epoch(
-            config.dataset, config.batch_size, config.data_dir, config.train_split
+            config.data.dataset,
+            config.optim.batch_size,
+            config.data.data_dir,
+            config.data.train_split,
         )
         return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
 
@@ -167,11 +173,11 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        return int(self.config.num_epochs * self.steps_per_epoch)
+        return int(self.config.optim.num_epochs * self.steps_per_epoch)
 
     @property
     def image_size(self) -> int:
-        return pipeline.dataset_spec(self.config.dataset).image_size
+        return pipeline.dataset_spec(self.config.data.dataset).image_size
 
     @property
     def program_keys(self) -> list[Setting]:
@@ -197,16 +203,18 @@ class Run:
         directory = directory or self.run_dir.checkpoints
         with self.checkpoints(directory) as manager:
             checkpoint, saved_config, _ = manager.restore(self.checkpoint_template())
-        # a key missing from an older checkpoint's config had its default value then
-        defaults = base_config()
-        saved = {key: saved_config.get(key, defaults.get(key)) for key in RESUME_INVARIANTS}
+        # flat configs of earlier versions are migrated; a field missing from an older
+        # checkpoint's config had its default value then
+        saved = config_from_saved(saved_config)
         changed = [
-            key
-            for key in RESUME_INVARIANTS
-            if _jsonable(saved[key]) != _jsonable(self.config.get(key))
+            path
+            for path in RESUME_INVARIANTS
+            if _jsonable(get_field(saved, path)) != _jsonable(get_field(self.config, path))
         ]
         if changed:
-            details = ", ".join(f"{k}: {saved[k]!r} -> {self.config.get(k)!r}" for k in changed)
+            details = ", ".join(
+                f"{p}: {get_field(saved, p)!r} -> {get_field(self.config, p)!r}" for p in changed
+            )
             raise CheckpointError(
                 f"the checkpoint in {directory} was written with a different "
                 f"config ({details}); use a new --workdir or the original config"

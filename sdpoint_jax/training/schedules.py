@@ -25,8 +25,11 @@ def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
     """Constant ``learning_rate``, multiplied by ``lr_decay`` at each drop epoch."""
-    drops = {round(epoch * steps_per_epoch): config.lr_decay for epoch in config.lr_drop_epochs}
-    return optax.piecewise_constant_schedule(config.learning_rate, drops)
+    drops = {
+        round(epoch * steps_per_epoch): config.optim.lr_decay
+        for epoch in config.optim.lr_drop_epochs
+    }
+    return optax.piecewise_constant_schedule(config.optim.learning_rate, drops)
 
 
 def draw_instance(space: InstanceSpace, seed: int, step: int, sdpoint: bool) -> Instance:
@@ -56,22 +59,22 @@ def low_mode_schedule(
 ) -> LowModeSchedule | None:
     """The run's low-mode schedule, or None when low mode is off (every probability 0).
 
-    ``config.low_mode_epoch_probs`` (one per epoch), when set, replaces the constant
-    ``config.low_mode_prob``; setting both is an error.
+    ``config.low_mode.epoch_probs`` (one per epoch), when set, replaces the constant
+    ``config.low_mode.prob``; setting both is an error.
     """
-    per_epoch = config.low_mode_epoch_probs
-    check_probability("low_mode_prob", config.low_mode_prob)
-    if per_epoch is not None and config.low_mode_prob != 0.0:
+    per_epoch = config.low_mode.epoch_probs
+    check_probability("low_mode.prob", config.low_mode.prob)
+    if per_epoch is not None and config.low_mode.prob != 0.0:
         raise ValueError(
-            f"set either low_mode_prob ({config.low_mode_prob}) or low_mode_epoch_probs, not both"
+            f"set either low_mode.prob ({config.low_mode.prob}) or low_mode.epoch_probs, not both"
         )
     schedule = LowModeSchedule.create(
-        LowMode(config.low_mode_ratio, config.low_mode_resize),
-        config.low_mode_prob if per_epoch is None else tuple(per_epoch),
-        num_epochs=config.num_epochs,
+        LowMode(config.low_mode.ratio, config.low_mode.resize),
+        config.low_mode.prob if per_epoch is None else tuple(per_epoch),
+        num_epochs=config.optim.num_epochs,
         steps_per_epoch=steps_per_epoch,
-        lr_drop_epochs=config.lr_drop_epochs,
-        full_epochs_after_drop=config.full_mode_epochs_after_drop,
+        lr_drop_epochs=config.optim.lr_drop_epochs,
+        full_epochs_after_drop=config.low_mode.full_epochs_after_drop,
     )
     return schedule if any(schedule.epoch_probabilities) else None
 

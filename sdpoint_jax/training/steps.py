@@ -19,6 +19,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from sdpoint_jax.config import flatten
 from sdpoint_jax.core.norm import merge_statistics
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.programs import ExecutableCache, InstancePrograms, executable_cache
@@ -228,17 +229,17 @@ def _executables(fingerprint: str | None) -> ExecutableCache | None:
 
 # Config entries that do not change a train-step program.
 NOT_IN_PROGRAMS = (
-    "max_steps",
-    "log_every_steps",
-    "eval_every_epochs",
-    "eval_batch_size",
-    "eval_split",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "precompile",
-    "compile_workers",
-    "compile_cache_dir",
-    "data_dir",
+    "run.max_steps",
+    "run.log_every_steps",
+    "run.eval_every_epochs",
+    "data.eval_batch_size",
+    "data.eval_split",
+    "run.checkpoint_every_steps",
+    "run.keep_checkpoints",
+    "compile.precompile",
+    "compile.workers",
+    "compile.cache_dir",
+    "data.data_dir",
 )
 
 
@@ -249,6 +250,6 @@ def program_fingerprint(
     config (but :data:`NOT_IN_PROGRAMS`) and the steps per epoch (the learning-rate
     schedule). :func:`train_programs` adds the resolved convolution lowering (the
     config may say ``"auto"``)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAMS}
+    fields = {k: v for k, v in flatten(config.to_dict()).items() if k not in NOT_IN_PROGRAMS}
     config_text = json.dumps(fields, sort_keys=True, default=list)
     return "\n".join([repr(trainee), config_text, str(steps_per_epoch)])

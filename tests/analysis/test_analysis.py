@@ -172,12 +172,12 @@ CONFIG_FILE = textwrap.dedent(
 
     def get_config(variant=None):
         config = cifar_config("wrn-10-1", "cifar10", variant=variant)
-        config.batch_size = 8
-        config.eval_batch_size = 8
-        config.max_steps = 1
-        config.log_every_steps = 1
-        config.eval_every_epochs = 1000.0
-        config.compile_cache_dir = {cache!r}
+        config.optim.batch_size = 8
+        config.data.eval_batch_size = 8
+        config.run.max_steps = 1
+        config.run.log_every_steps = 1
+        config.run.eval_every_epochs = 1000.0
+        config.compile.cache_dir = {cache!r}
         return config
     """
 )

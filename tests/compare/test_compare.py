@@ -29,18 +29,20 @@ pytestmark = needs_cifar10
 
 def tiny_config(methods: tuple[str, ...]):
     return tiny_cifar10_config(
-        ratios=(0.5,),  # 4 SDPoint instances: fewer programs to compile
-        batch_size=16,
-        max_steps=4,
-        log_every_steps=1,
-        checkpoint_every_steps=2,
-        eval_batch_size=32,
-        eval_split=f"test[:{EVAL_EXAMPLES}]",
-        train_split="train[64:1088]",
-        holdout_split="train[:64]",
-        budget_points=3,
-        stochastic_passes=3,
-        methods=methods,
+        {
+            "sdpoint.ratios": (0.5,),  # 4 SDPoint instances: fewer programs to compile
+            "optim.batch_size": 16,
+            "run.max_steps": 4,
+            "run.log_every_steps": 1,
+            "run.checkpoint_every_steps": 2,
+            "data.eval_batch_size": 32,
+            "data.eval_split": f"test[:{EVAL_EXAMPLES}]",
+            "data.train_split": "train[64:1088]",
+            "data.holdout_split": "train[:64]",
+            "cascade.budget_points": 3,
+            "compare.stochastic_passes": 3,
+            "compare.methods": methods,
+        },
     )
 
 
@@ -101,7 +103,7 @@ def test_the_comparison_trains_sdpoint_exactly_as_the_training_command(tmp_path)
     method = build_method("sdpoint", config)
     compared = train_method(method, config, tmp_path / "compare", parallel.create_mesh())
     trained = train(config, tmp_path / "train", resume=False)
-    assert int(trained.step) == config.max_steps
+    assert int(trained.step) == config.run.max_steps
     for a, b in zip(jax.tree.leaves(compared), jax.tree.leaves(trained.variables), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+import ml_collections
 import pytest
 
 from sdpoint_jax.compare.time_to_target import setting_config, summarize, time_to_accuracy
@@ -61,9 +62,9 @@ def test_summary_without_evaluation_is_an_error():
 
 def test_settings_switch_sdpoint_and_low_mode():
     config = cifar_config("wrn-10-1", "cifar10")
-    config.low_mode_prob = 0.5
+    config.low_mode.prob = 0.5
     switches = {
-        name: (c.sdpoint, c.low_mode_prob)
+        name: (c.sdpoint.enabled, c.low_mode.prob)
         for name in ("baseline", "low", "sdpoint", "sdpoint+low")
         for c in [setting_config(config, name)]
     }
@@ -73,11 +74,11 @@ def test_settings_switch_sdpoint_and_low_mode():
         "sdpoint": (True, 0.0),
         "sdpoint+low": (True, 0.5),
     }
-    assert config.low_mode_prob == 0.5  # the given config is left as it was
+    assert config.low_mode.prob == 0.5  # the given config is left as it was
     with pytest.raises(ValueError, match="unknown training setting 'fast'"):
         setting_config(config, "fast")
-    config.low_mode_prob = 0.0
-    with pytest.raises(ValueError, match=r"'low' needs config\.low_mode_prob > 0"):
+    config.low_mode.prob = 0.0
+    with pytest.raises(ValueError, match=r"'low' needs config\.low_mode\.prob > 0"):
         setting_config(config, "low")
 
 
@@ -85,19 +86,22 @@ def test_settings_switch_sdpoint_and_low_mode():
 def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
     enable_compilation_cache(tmp_path / "cache")
     config = tiny_cifar10_config(
-        train_split="train[:64]",
-        batch_size=16,
-        num_epochs=2,
-        lr_drop_epochs=(1.5,),
-        full_mode_epochs_after_drop=0.0,
-        low_mode_prob=0.5,
-        eval_every_epochs=1.0,
-        eval_split="test[:32]",
-        eval_batch_size=16,
-        log_every_steps=1,
+        {
+            "data.train_split": "train[:64]",
+            "optim.batch_size": 16,
+            "optim.num_epochs": 2,
+            "optim.lr_drop_epochs": (1.5,),
+            "low_mode.full_epochs_after_drop": 0.0,
+            "low_mode.prob": 0.5,
+            "run.eval_every_epochs": 1.0,
+            "data.eval_split": "test[:32]",
+            "data.eval_batch_size": 16,
+            "run.log_every_steps": 1,
+        },
     )
-    config.training_settings = ("baseline", "sdpoint+low")
-    config.accuracy_targets = (0.0, 101.0)
+    config.time_to_accuracy = ml_collections.ConfigDict(
+        {"training_settings": ("baseline", "sdpoint+low"), "accuracy_targets": (0.0, 101.0)}
+    )
 
     rows = time_to_accuracy(config, tmp_path)
     assert [r["setting"] for r in rows] == ["baseline", "sdpoint+low"]

@@ -399,16 +399,16 @@ def test_steps_are_low_mode_or_the_instance_drawn_without_low_mode():
 def test_schedule_from_config():
     config = cifar_config("wrn-10-1", "cifar10")
     assert low_mode_schedule(config, steps_per_epoch=10) is None  # default: off
-    config.low_mode_prob = 0.5
+    config.low_mode.prob = 0.5
     schedule = low_mode_schedule(config, steps_per_epoch=10)
     assert schedule.mode == LowMode(2, "gaussian")
     assert schedule.full_windows == ((2000, 2040), (3000, 3040))  # 4 epochs after 200, 300
-    config.low_mode_epoch_probs = (0.5,) * 400
-    with pytest.raises(ValueError, match="either low_mode_prob"):
+    config.low_mode.epoch_probs = (0.5,) * 400
+    with pytest.raises(ValueError, match=r"either low_mode\.prob"):
         low_mode_schedule(config, steps_per_epoch=10)
-    config.low_mode_prob = 0.0
+    config.low_mode.prob = 0.0
     assert low_mode_schedule(config, steps_per_epoch=10).epoch_probabilities == (0.5,) * 400
-    config.low_mode_epoch_probs = (0.5,) * 3
+    config.low_mode.epoch_probs = (0.5,) * 3
     with pytest.raises(ValueError, match="got 3, expected one per epoch"):
         low_mode_schedule(config, steps_per_epoch=10)
 
@@ -433,8 +433,8 @@ def test_bad_schedule_settings_are_value_errors():
     with pytest.raises(ValueError, match="epoch 10; the schedule has 10 epochs"):
         _schedule(0.5).probability(20000)
     config = cifar_config("wrn-10-1", "cifar10")
-    config.low_mode_prob = 2.0
-    with pytest.raises(ValueError, match=r"low_mode_prob must lie in \[0, 1\], got 2.0"):
+    config.low_mode.prob = 2.0
+    with pytest.raises(ValueError, match=r"low_mode.prob must lie in \[0, 1\], got 2.0"):
         low_mode_schedule(config, steps_per_epoch=10)
 
 
@@ -471,7 +471,7 @@ def test_train_programs_are_keyed_by_instance_or_low_mode():
 
 def low_mode_config(max_steps: int):
     config = tiny_config(max_steps)
-    config.low_mode_prob = 0.5  # seed 0: low, 2:0.75, low, 2:0.75, low, 2:0.5
+    config.low_mode.prob = 0.5  # seed 0: low, 2:0.75, low, 2:0.75, low, 2:0.5
     return config
 
 
@@ -495,14 +495,14 @@ def test_resume_with_low_mode_repeats_the_uninterrupted_run_exactly(tmp_path_fac
 @needs_cifar10
 def test_checkpoints_from_before_low_mode_resume_and_low_mode_settings_are_invariant(tmp_path):
     run = Run.create(tiny_config(3), tmp_path)
-    old_config = {k: v for k, v in tiny_config(3).to_dict().items() if "_mode_" not in k}
-    assert "low_mode_prob" not in old_config and "full_mode_epochs_after_drop" not in old_config
+    old_config = {k: v for k, v in tiny_config(3).to_dict().items() if k != "low_mode"}
+    assert "low_mode" not in old_config and "optim" in old_config
     with run.checkpoints() as manager:
         checkpoint = {"state": run.initial_state(), "draws": run.initial_draws()}
         manager.save(3, checkpoint, config=old_config, force=True)
     state, draws = run.restore()  # written with the defaults, which this config keeps
     assert int(state.step) == 0 and "low:2" not in draws
     changed = tiny_config(3)
-    changed.low_mode_ratio = 4
-    with pytest.raises(CheckpointError, match=r"different config \(low_mode_ratio: 2 -> 4\)"):
+    changed.low_mode.ratio = 4
+    with pytest.raises(CheckpointError, match=r"different config \(low_mode\.ratio: 2 -> 4\)"):
         Run.create(changed, tmp_path).restore()

@@ -152,11 +152,13 @@ def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
 
     enable_compilation_cache(tmp_path / "cache")
     config = tiny_cifar10_config(
-        train_split="train[:32]",
-        batch_size=16,
-        num_epochs=1,
-        eval_split="test[:16]",
-        eval_batch_size=16,
+        {
+            "data.train_split": "train[:32]",
+            "optim.batch_size": 16,
+            "optim.num_epochs": 1,
+            "data.eval_split": "test[:16]",
+            "data.eval_batch_size": 16,
+        },
     )
     workdir = tmp_path / "run"
     state = train(config, workdir, resume=False)

@@ -260,30 +260,32 @@ def test_instance_probabilities_errors(tiny_model):
 
 def tiny_config():
     return tiny_cifar10_config(
-        ratios=(0.5,),
-        batch_size=16,
-        max_steps=16,  # enough for the instances' held-out errors to differ
-        log_every_steps=1,
-        eval_every_epochs=1000.0,  # no evaluation inside this short run
-        train_split="train[:64]",
-        holdout_split="train[64:112]",
-        eval_split="test[:48]",
-        eval_batch_size=16,
-        budget_points=4,
+        {
+            "sdpoint.ratios": (0.5,),
+            "optim.batch_size": 16,
+            "run.max_steps": 16,  # enough for the instances' held-out errors to differ
+            "run.log_every_steps": 1,
+            "run.eval_every_epochs": 1000.0,  # no evaluation inside this short run
+            "data.train_split": "train[:64]",
+            "data.holdout_split": "train[64:112]",
+            "data.eval_split": "test[:48]",
+            "data.eval_batch_size": 16,
+            "cascade.budget_points": 4,
+        },
     )
 
 
 def test_cascade_needs_a_holdout_split(capsys):
     config = tiny_config()
-    config.holdout_split = None
+    config.data.holdout_split = None
     with pytest.raises(ValueError, match=r"holdout_split is not set.*train_split=train\[:45000\]"):
         evaluate_run(config, "/nonexistent", cascade=True)
-    config.holdout_split = "train[45000:]"
+    config.data.holdout_split = "train[45000:]"
     assert cascade_holdout(config) == "train[45000:]"
     assert "warning" not in capsys.readouterr().out
-    config.train_split = None
+    config.data.train_split = None
     assert cascade_holdout(config) == "train[45000:]"
-    assert "warning: config.train_split is not set" in capsys.readouterr().out
+    assert "warning: config.data.train_split is not set" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -299,7 +301,7 @@ def test_evaluate_cascade_on_a_tiny_run(tmp_path):
     cascade, source = read_rows_json(run_dir.cascade_json)
     assert source == Source(run_dir.training_step(), "running-average")
     assert run_dir.is_current(run_dir.cascade_json) and run_dir.is_current(run_dir.results_json)
-    assert 1 <= len(cascade) == len(table) <= config.budget_points
+    assert 1 <= len(cascade) == len(table) <= config.cascade.budget_points
     gflops = {str(Instance(r["point"], r["ratio"])): r["gflops"] for r in instance_rows}
     stages = cascade[0]["stages"].split(",")
     assert len(stages) >= 2 and set(stages) <= set(gflops) == {"full", "1:0.5", "3:0.5"}

@@ -74,8 +74,10 @@ def test_existing_checkpoint_is_never_overwritten(uninterrupted):
 def test_resume_with_a_different_config_is_refused(uninterrupted):
     workdir, _ = uninterrupted
     config = tiny_config(8)
-    config.learning_rate = 0.05
-    with pytest.raises(CheckpointError, match=r"different config \(learning_rate: 0\.1 -> 0\.05\)"):
+    config.optim.learning_rate = 0.05
+    with pytest.raises(
+        CheckpointError, match=r"different config \(optim\.learning_rate: 0\.1 -> 0\.05\)"
+    ):
         train(config, workdir, resume=True)
 
 
@@ -118,7 +120,7 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 8, jax.devices()
     model = SDPointTrainee(create("wrn-10-1"))
     config = cifar_config("wrn-10-1", "cifar10")
-    config.learning_rate = 0.01  # at 0.1, random labels make 3 steps chaotic
+    config.optim.learning_rate = 0.01  # at 0.1, random labels make 3 steps chaotic
     tx = create_optimizer(config, steps_per_epoch=100)
     rng = np.random.default_rng(0)
     batches = [
@@ -175,14 +177,14 @@ def run_cli(*args: str) -> subprocess.Popen:
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     overrides = [
-        f"--config.data_dir={SHARED_DATA_DIR}",
-        "--config.model=wrn-10-1",
-        "--config.batch_size=16",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=100000",
-        f"--config.train_split={TRAIN_SPLIT}",
-        "--config.precompile=False",
-        f"--config.compile_cache_dir={tmp_path / 'cache'}",
+        f"--config.data.data_dir={SHARED_DATA_DIR}",
+        "--config.model.name=wrn-10-1",
+        "--config.optim.batch_size=16",
+        "--config.run.log_every_steps=1",
+        "--config.run.checkpoint_every_steps=100000",
+        f"--config.data.train_split={TRAIN_SPLIT}",
+        "--config.compile.precompile=False",
+        f"--config.compile.cache_dir={tmp_path / 'cache'}",
     ]
     process = run_cli(
         "train",
