@@ -110,6 +110,16 @@ def initial_state(
     )
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    """Training steps per epoch of ``config``'s training split and global batch size."""
+    return pipeline.steps_per_epoch(
+        config.data.dataset,
+        config.optim.batch_size,
+        config.data.data_dir,
+        config.data.train_split,
+    )
+
+
 @dataclasses.dataclass
 class Run:
     """What every subcommand needs: config, what is trained, mesh, optimizer,
@@ -130,12 +140,7 @@ class Run:
     def create(cls, config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         mesh = parallel.create_mesh()
         parallel.check_batch_size(config.optim.batch_size, mesh)
-        steps = pipeline.steps_per_epoch(
-            config.data.dataset,
-            config.optim.batch_size,
-            config.data.data_dir,
-            config.data.train_split,
-        )
+        steps = steps_per_epoch(config)
         low_mode = low_mode_schedule(config, steps)
         if low_mode is not None:
             image_size = pipeline.dataset_spec(config.data.dataset).image_size
@@ -149,12 +154,7 @@ class Run:
     ) -> Run:
         """A run of ``trainee`` with ``config``'s data, schedule and seed."""
         parallel.check_batch_size(config.optim.batch_size, mesh)
-        steps = pipeline.steps_per_epoch(
-            config.data.dataset,
-            config.optim.batch_size,
-            config.data.data_dir,
-            config.data.train_split,
-        )
+        steps = steps_per_epoch(config)
         return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
 
     @property
