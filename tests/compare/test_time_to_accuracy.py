@@ -9,7 +9,6 @@ import pytest
 
 from sdpoint_jax.compare.time_to_target import setting_config, summarize, time_to_accuracy
 from sdpoint_jax.config import cifar_config
-from sdpoint_jax.training.programs import enable_compilation_cache
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 
@@ -82,8 +81,7 @@ def test_settings_switch_sdpoint_and_low_mode():
 
 
 @needs_cifar10
-def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
-    enable_compilation_cache(tmp_path / "cache")
+def test_end_to_end_trains_each_setting_once(tmp_path, capsys, compilation_cache_dir):
     config = tiny_cifar10_config(
         train_split="train[:64]",
         batch_size=16,
@@ -95,6 +93,7 @@ def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
         eval_split="test[:32]",
         eval_batch_size=16,
         log_every_steps=1,
+        compile_cache_dir=str(compilation_cache_dir),
     )
     config.training_settings = ("baseline", "sdpoint+low")
     config.accuracy_targets = (0.0, 101.0)

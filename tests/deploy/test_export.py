@@ -22,7 +22,7 @@ from sdpoint_jax.deploy.artifacts import (
 from sdpoint_jax.deploy.loader import load_exported
 from sdpoint_jax.export import main
 from sdpoint_jax.models import create
-from tests.conftest import needs_cifar10, tiny_cifar10_config
+from tests.conftest import TRAINED_STEPS, needs_cifar10, tiny_config
 
 SPEC = SPECS["cifar10"]
 INSTANCES = [Instance.full(), Instance(1, 0.5), Instance(2, 0.75)]
@@ -142,37 +142,25 @@ def test_platforms_are_checked():
 
 
 @needs_cifar10
-def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
-    from sdpoint_jax.training.loop import train
-    from sdpoint_jax.training.programs import enable_compilation_cache
+def test_cli_exports_a_trained_run_from_its_saved_config(trained_run, tmp_path, capsys):
     from sdpoint_jax.training.run import Run
 
-    enable_compilation_cache(tmp_path / "cache")
-    config = tiny_cifar10_config(
-        train_split="train[:32]",
-        batch_size=16,
-        num_epochs=1,
-        eval_split="test[:16]",
-        eval_batch_size=16,
-    )
-    workdir = tmp_path / "run"
-    state = train(config, workdir, resume=False)
-
+    workdir = trained_run.workdir  # read only: the export goes to its own directory
     out = tmp_path / "export"
     manifest = main(
         ["--workdir", str(workdir), "--instances", "full,2:0.5", "--out", str(out)]
         + ["--platforms", "cpu"]
     )
-    assert manifest["step"] == 2 and manifest["model"] == "wrn-10-1"
+    assert manifest["step"] == TRAINED_STEPS and manifest["model"] == "wrn-10-1"
     assert "running-average" in manifest["statistics"]
     assert "errors left null" in capsys.readouterr().out
     loaded = load_exported(out)
-    model = Run.create(config, workdir).model
+    model = Run.create(tiny_config(TRAINED_STEPS), workdir).model
     images = pixels(3, seed=3)
     for name in ("full", "2:0.5"):
         np.testing.assert_allclose(
             loaded.logits(images, name),
-            reference_logits(model, state.variables, Instance.parse(name), images),
+            reference_logits(model, trained_run.state.variables, Instance.parse(name), images),
             rtol=1e-5,
             atol=1e-5,
         )
