@@ -1,10 +1,13 @@
-"""Shared test helpers: tiny models, traced records of what a forward pass did, and a
-tiny config on the real CIFAR-10 beside the project."""
+"""Shared test helpers: tiny models, traced records of what a forward pass did, a tiny
+config on the real CIFAR-10 beside the project, one run trained with it for the whole
+session, and one persistent compilation cache for the whole session."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from sdpoint_jax.config import cifar_config, get_field, set_field
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.cost import abstract_variables
+from sdpoint_jax.training.programs import enable_compilation_cache
 
 # Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and
 # checkpoint use it: tfds mock data races with orbax's background writes.
@@ -98,6 +102,52 @@ def tiny_config(max_steps: int):
             "sdpoint.calibration_batches": 2,
         },
     )
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_dir(tmp_path_factory) -> Path:
+    """JAX's persistent compilation cache of the whole session (kept executables beside
+    it): a program compiled once, here or by a command a test starts with
+    ``--config.compile.cache_dir`` set to it, is loaded afterwards. Tests that count
+    cache hits or writes use caches of their own."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(autouse=True)
+def compilation_cache(compilation_cache_dir: Path) -> None:
+    """Every test starts with the session's compilation cache on, wherever an earlier
+    test (or a command it ran in this process) pointed JAX."""
+    enable_compilation_cache(compilation_cache_dir)
+
+
+# Steps of the session's trained run (:func:`trained_run`).
+TRAINED_STEPS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run directory trained with ``tiny_config(TRAINED_STEPS)`` and the state that
+    training returned."""
+
+    workdir: Path
+    state: Any
+
+    def copy(self, directory: Path) -> Path:
+        """A copy of the run directory at ``directory`` (for tests that write into it)."""
+        shutil.copytree(self.workdir, directory)
+        return directory
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, compilation_cache_dir: Path) -> TrainedRun:
+    """WRN-10-1 trained ``TRAINED_STEPS`` steps on real CIFAR-10 (``tiny_config``):
+    neither calibrated nor evaluated. Shared by every test that reads a trained run: no
+    test writes into it (tests that do work on :meth:`TrainedRun.copy`)."""
+    from sdpoint_jax.training.loop import train  # TensorFlow: only where a run trains
+
+    enable_compilation_cache(compilation_cache_dir)  # set up before any test's fixtures
+    workdir = tmp_path_factory.mktemp("trained_run")
+    return TrainedRun(workdir, train(tiny_config(TRAINED_STEPS), workdir, resume=False))
 
 
 def losses(workdir: Path) -> list[tuple[int, float, str]]:

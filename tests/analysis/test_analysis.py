@@ -195,12 +195,12 @@ def mocked_cifar():
 
 
 @pytest.fixture(scope="module")
-def runs(mocked_cifar, tmp_path_factory) -> dict[str, tuple[str, Path]]:
+def runs(mocked_cifar, tmp_path_factory, compilation_cache_dir) -> dict[str, tuple[str, Path]]:
     """An SDPoint and a baseline run, one training step each (a trained run's workdir is
     what matters here, not its accuracy): ``name -> (config spec, workdir)``."""
     root = tmp_path_factory.mktemp("runs")
     config_file = root / "tiny.py"
-    config_file.write_text(CONFIG_FILE.format(cache=str(root / "xla")))
+    config_file.write_text(CONFIG_FILE.format(cache=str(compilation_cache_dir)))
     made = {}
     for name, spec in (("sdpoint", str(config_file)), ("baseline", f"{config_file}:baseline")):
         train(load_config(spec), root / name, resume=False)

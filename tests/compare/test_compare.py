@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -46,15 +47,24 @@ def tiny_config(methods: tuple[str, ...]):
     )
 
 
-def test_compare_trains_evaluates_and_reports_every_method(tmp_path):
-    methods = tuple(BUILDERS)
-    config = tiny_config(methods)
-    rows = run_comparison(config, tmp_path)
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """Every method trained, evaluated and reported in one directory: ``(workdir,
+    config, rows)``. Read only: tests that rerun a method work on a copy of its
+    directory."""
+    workdir = tmp_path_factory.mktemp("comparison")
+    config = tiny_config(tuple(BUILDERS))
+    return workdir, config, run_comparison(config, workdir)
 
-    with open(tmp_path / "compare.csv") as file:
+
+def test_compare_trains_evaluates_and_reports_every_method(comparison):
+    workdir, config, rows = comparison
+    methods = tuple(BUILDERS)
+
+    with open(workdir / "compare.csv") as file:
         written = list(csv.DictReader(file))
     assert len(written) == len(rows)
-    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert (workdir / "compare.png").stat().st_size > 0
     for name in methods:
         method = build_method(name, config)
         method_rows = [row for row in rows if row["method"] == name and row["kind"] == "setting"]
@@ -66,7 +76,7 @@ def test_compare_trains_evaluates_and_reports_every_method(tmp_path):
             assert 0.0 <= row["top1_error"] <= 100.0
             assert row["gflops"] > 0
         # every method trained for the same 4 steps, checkpointed at its end
-        assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == ["4"]
+        assert sorted(p.name for p in (workdir / name / "checkpoints").iterdir()) == ["4"]
     kinds = {(row["method"], row["kind"]) for row in rows}
     stochastic = {"sdpoint", "dropout", "stochastic-depth"}
     assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
@@ -82,11 +92,13 @@ def test_compare_trains_evaluates_and_reports_every_method(tmp_path):
     assert baseline["setting"] == str(Instance.full())
 
 
-def test_rerun_skips_finished_methods(tmp_path):
+def test_rerun_skips_finished_methods(comparison, tmp_path):
+    finished, _, all_rows = comparison
+    shutil.copytree(finished / "baseline", tmp_path / "baseline")  # as the first run left it
+    first = [row for row in all_rows if row["method"] == "baseline"]
     config = tiny_config(("baseline",))
-    first = run_comparison(config, tmp_path)
     rows_file = tmp_path / "baseline" / "rows.json"
-    assert json.loads(rows_file.read_text()) == first
+    assert first and json.loads(rows_file.read_text()) == first
     mtime = rows_file.stat().st_mtime_ns
     assert run_comparison(config, tmp_path) == first
     assert rows_file.stat().st_mtime_ns == mtime
@@ -109,10 +121,11 @@ def test_the_comparison_trains_sdpoint_exactly_as_the_training_command(tmp_path)
 
 
 class SigtermAtStep(SDPointMethod):
-    """SDPoint that sends this process SIGTERM when drawing the setting of ``step``."""
+    """``method`` (SDPoint) that sends this process SIGTERM when drawing the setting of
+    ``step``."""
 
-    def __init__(self, step: int, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, step: int, method: SDPointMethod):
+        vars(self).update(vars(method))  # the same model, bn modes and name
         self.stop_step = step
 
     def train_setting(self, seed, step):
@@ -121,14 +134,17 @@ class SigtermAtStep(SDPointMethod):
         return super().train_setting(seed, step)
 
 
-def test_sigterm_saves_and_a_rerun_resumes_exactly(tmp_path):
+def test_sigterm_saves_and_a_rerun_resumes_exactly(comparison, tmp_path):
+    finished, _, _ = comparison
     config = tiny_config(("sdpoint",))
     mesh = parallel.create_mesh()
-    kwargs = {"model_name": "wrn-10-1", "num_classes": 10}
-    reference = train_method(SDPointMethod(**kwargs), config, tmp_path / "reference", mesh)
+    method = build_method("sdpoint", config)
+    # the uninterrupted run: the comparison's SDPoint, trained to the end with this config
+    shutil.copytree(finished / "sdpoint", tmp_path / "reference")
+    reference = train_method(method, config, tmp_path / "reference", mesh)
     with pytest.raises(Preempted, match="SIGTERM: saved sdpoint at step 3"):
-        train_method(SigtermAtStep(2, **kwargs), config, tmp_path / "resumed", mesh)
+        train_method(SigtermAtStep(2, method), config, tmp_path / "resumed", mesh)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["3"]
-    resumed = train_method(SDPointMethod(**kwargs), config, tmp_path / "resumed", mesh)
+    resumed = train_method(method, config, tmp_path / "resumed", mesh)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -10,7 +10,6 @@ import pytest
 
 from sdpoint_jax.compare.time_to_target import setting_config, summarize, time_to_accuracy
 from sdpoint_jax.config import cifar_config
-from sdpoint_jax.training.programs import enable_compilation_cache
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 
@@ -83,8 +82,7 @@ def test_settings_switch_sdpoint_and_low_mode():
 
 
 @needs_cifar10
-def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
-    enable_compilation_cache(tmp_path / "cache")
+def test_end_to_end_trains_each_setting_once(tmp_path, capsys, compilation_cache_dir):
     config = tiny_cifar10_config(
         {
             "data.train_split": "train[:64]",
@@ -97,6 +95,7 @@ def test_end_to_end_trains_each_setting_once(tmp_path, capsys):
             "data.eval_split": "test[:32]",
             "data.eval_batch_size": 16,
             "run.log_every_steps": 1,
+            "compile.cache_dir": str(compilation_cache_dir),
         },
     )
     config.time_to_accuracy = ml_collections.ConfigDict(

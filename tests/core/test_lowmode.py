@@ -28,7 +28,6 @@ from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
-from sdpoint_jax.training.programs import enable_compilation_cache
 from sdpoint_jax.training.run import Run, create_optimizer, initial_state
 from sdpoint_jax.training.schedules import (
     LowModeSchedule,
@@ -478,7 +477,6 @@ def low_mode_config(max_steps: int):
 @pytest.mark.slow
 @needs_cifar10
 def test_resume_with_low_mode_repeats_the_uninterrupted_run_exactly(tmp_path_factory):
-    enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
     reference_dir, resumed_dir = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("res")
     reference = train(low_mode_config(6), reference_dir, resume=False)
     train(low_mode_config(3), resumed_dir, resume=False)

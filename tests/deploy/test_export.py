@@ -25,7 +25,7 @@ from sdpoint_jax.evaluation.evaluate import write_results
 from sdpoint_jax.export import main
 from sdpoint_jax.models import create
 from sdpoint_jax.training.run_dir import RunDir, Source
-from tests.conftest import needs_cifar10, tiny_cifar10_config
+from tests.conftest import TRAINED_STEPS, needs_cifar10, tiny_config
 
 SPEC = SPECS["cifar10"]
 INSTANCES = [Instance.full(), Instance(1, 0.5), Instance(2, 0.75)]
@@ -145,40 +145,26 @@ def test_platforms_are_checked():
 
 
 @needs_cifar10
-def test_cli_exports_a_trained_run_from_its_saved_config(tmp_path, capsys):
-    from sdpoint_jax.training.loop import train
-    from sdpoint_jax.training.programs import enable_compilation_cache
+def test_cli_exports_a_trained_run_from_its_saved_config(trained_run, tmp_path, capsys):
     from sdpoint_jax.training.run import Run
 
-    enable_compilation_cache(tmp_path / "cache")
-    config = tiny_cifar10_config(
-        {
-            "data.train_split": "train[:32]",
-            "optim.batch_size": 16,
-            "optim.num_epochs": 1,
-            "data.eval_split": "test[:16]",
-            "data.eval_batch_size": 16,
-        },
-    )
-    workdir = tmp_path / "run"
-    state = train(config, workdir, resume=False)
-
+    workdir = trained_run.workdir  # read only: the export goes to its own directory
     out = tmp_path / "export"
     manifest = main(
         ["--workdir", str(workdir), "--instances", "full,2:0.5", "--out", str(out)]
         + ["--platforms", "cpu"]
     )
-    assert manifest["step"] == 2 and manifest["model"] == "wrn-10-1"
+    assert manifest["step"] == TRAINED_STEPS and manifest["model"] == "wrn-10-1"
     assert manifest["statistics"] == "running-average"
     assert "results.json does not exist" in capsys.readouterr().out
     assert all(entry["top1_error"] is None for entry in manifest["instances"])
     loaded = load_exported(out)
-    model = Run.create(config, workdir).model
+    model = Run.create(tiny_config(TRAINED_STEPS), workdir).model
     images = pixels(3, seed=3)
     for name in ("full", "2:0.5"):
         np.testing.assert_allclose(
             loaded.logits(images, name),
-            reference_logits(model, state.variables, Instance.parse(name), images),
+            reference_logits(model, trained_run.state.variables, Instance.parse(name), images),
             rtol=1e-5,
             atol=1e-5,
         )

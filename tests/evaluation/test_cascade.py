@@ -24,7 +24,6 @@ from sdpoint_jax.evaluation.cascade import (
 from sdpoint_jax.evaluation.workflow import cascade_holdout, evaluate_run
 from sdpoint_jax.models import create
 from sdpoint_jax.training.loop import train
-from sdpoint_jax.training.programs import enable_compilation_cache
 from sdpoint_jax.training.run_dir import RunDir, Source, read_rows_json
 from tests.conftest import needs_cifar10, random_variables, tiny_cifar10_config
 
@@ -37,11 +36,6 @@ SINGLE_ROWS = [  # test results of single instances; 2:0.75 is off the Pareto fr
     {"point": 0, "ratio": 1.0, "gflops": 2.0, "top1_error": 30.0, "bn_mode": "instance"},
     {"point": 0, "ratio": 1.0, "gflops": 2.0, "top1_error": 1.0, "bn_mode": "uniform"},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
 
 
 def synthetic_probs(n: int, seed: int, stages: int = 3, classes: int = 10):

@@ -20,11 +20,11 @@ import pytest
 from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run, select_run
 from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
-from sdpoint_jax.training.programs import enable_compilation_cache
 from sdpoint_jax.training.run_dir import RunDir, Source
 from tests.conftest import (
     SHARED_DATA_DIR,
     TRAIN_SPLIT,
+    TRAINED_STEPS,
     losses,
     needs_cifar10,
     tiny_config,
@@ -34,45 +34,34 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = needs_cifar10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    state = train(tiny_config(6), workdir, resume=False)
-    return workdir, state
-
-
-def test_log_counts_training_seconds_of_the_steps(uninterrupted):
-    workdir, _ = uninterrupted
-    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+def test_log_counts_training_seconds_of_the_steps(trained_run):
+    rows = [
+        json.loads(line)
+        for line in (trained_run.workdir / "train_log.jsonl").read_text().splitlines()
+    ]
     seconds = [r["train_seconds"] for r in rows if "loss" in r]
-    assert len(seconds) == 6 and seconds[0] > 0
+    assert len(seconds) == TRAINED_STEPS == 6 and seconds[0] > 0
     assert all(a < b for a, b in itertools.pairwise(seconds))
 
 
-def test_resumed_run_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
-    reference_dir, reference_state = uninterrupted
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(trained_run, tmp_path):
     train(tiny_config(3), tmp_path, resume=False)
-    state = train(tiny_config(6), tmp_path, resume=True)
-    assert losses(tmp_path) == losses(reference_dir)
+    state = train(tiny_config(TRAINED_STEPS), tmp_path, resume=True)
+    assert losses(tmp_path) == losses(trained_run.workdir)
     assert len(losses(tmp_path)) == 6
     assert len({instance for _, _, instance in losses(tmp_path)}) > 1  # instances drawn
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(trained_run.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_existing_checkpoint_is_never_overwritten(uninterrupted):
-    workdir, _ = uninterrupted
+def test_existing_checkpoint_is_never_overwritten(trained_run, tmp_path):
+    workdir = trained_run.copy(tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"already holds a checkpoint.*--resume"):
-        train(tiny_config(6), workdir, resume=False)
+        train(tiny_config(TRAINED_STEPS), workdir, resume=False)
 
 
-def test_resume_with_a_different_config_is_refused(uninterrupted):
-    workdir, _ = uninterrupted
+def test_resume_with_a_different_config_is_refused(trained_run, tmp_path):
+    workdir = trained_run.copy(tmp_path / "run")
     config = tiny_config(8)
     config.optim.learning_rate = 0.05
     with pytest.raises(
@@ -81,9 +70,9 @@ def test_resume_with_a_different_config_is_refused(uninterrupted):
         train(config, workdir, resume=True)
 
 
-def test_calibrate_evaluate_select(uninterrupted):
-    workdir, _ = uninterrupted
-    config = tiny_config(6)
+def test_calibrate_evaluate_select(trained_run, tmp_path):
+    workdir = trained_run.copy(tmp_path / "run")
+    config = tiny_config(TRAINED_STEPS)
     calibrate_run(config, workdir)
     assert (workdir / "calibrated").is_dir()
     rows = evaluate_run(config, workdir)
@@ -175,7 +164,7 @@ def run_cli(*args: str) -> subprocess.Popen:
     )
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, compilation_cache_dir):
     overrides = [
         f"--config.data.data_dir={SHARED_DATA_DIR}",
         "--config.model.name=wrn-10-1",
@@ -184,7 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "--config.run.checkpoint_every_steps=100000",
         f"--config.data.train_split={TRAIN_SPLIT}",
         "--config.compile.precompile=False",
-        f"--config.compile.cache_dir={tmp_path / 'cache'}",
+        f"--config.compile.cache_dir={compilation_cache_dir}",
     ]
     process = run_cli(
         "train",
