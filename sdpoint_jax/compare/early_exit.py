@@ -44,11 +44,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
+from sdpoint_jax.training.trainee import cross_entropy
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_ALPHA = 0.1
@@ -80,7 +80,7 @@ def joint_loss(
         docstring.
       temperature, alpha: ``T`` and the distillation weight.
     """
-    ce = [optax.softmax_cross_entropy_with_integer_labels(z, labels).mean() for z in logits]
+    ce = [cross_entropy(z, labels) for z in logits]
     if not ofa:
         return sum(ce[1:], ce[0])
     teacher = lax.stop_gradient(logits[-1])

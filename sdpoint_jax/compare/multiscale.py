@@ -31,12 +31,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
+from sdpoint_jax.training.trainee import cross_entropy
 
 _FULL = Instance.full()
 
@@ -148,7 +148,7 @@ class MultiscaleMethod(Method):
             train=True,
             mutable=["batch_stats"],
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        loss = cross_entropy(logits, batch["label"])
         new_stats = {**stats, stats_key(size): updates["batch_stats"]}
         return loss, ({"batch_stats": new_stats}, logits)
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.models.wrn import WideResNet
+from sdpoint_jax.training.trainee import cross_entropy
 
 _FULL = Instance.full()
 DETERMINISTIC = "deterministic"
@@ -113,7 +113,7 @@ class RegularisedMethod(Method):
             mutable=["batch_stats"],
             rngs={"dropout": key},
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        loss = cross_entropy(logits, batch["label"])
         return loss, ({"batch_stats": updates["batch_stats"]}, logits)
 
     def eval_settings(self) -> Sequence[str]:
