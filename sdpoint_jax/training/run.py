@@ -28,7 +28,6 @@ from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, CheckpointManager
 from sdpoint_jax.training.run_dir import CALIBRATED, RunDir, Source
 from sdpoint_jax.training.schedules import (
-    LowModeSchedule,
     learning_rate_schedule,
     low_mode_schedule,
 )
@@ -161,11 +160,6 @@ class Run:
     def model(self) -> SDPointModel:
         """The trained network (every trainee has one)."""
         return self.trainee.model
-
-    @property
-    def low_mode(self) -> LowModeSchedule | None:
-        """The low-mode schedule of an SDPoint run, else None."""
-        return getattr(self.trainee, "low_mode", None)
 
     @property
     def run_dir(self) -> RunDir:
