@@ -92,11 +92,13 @@ def _source_digest() -> str:
 
 
 @functools.cache
-def _host_digest() -> str:
-    """The machine the executables are compiled for: JAX/jaxlib versions, backend,
-    devices and, on CPU, the instruction-set flags (an executable compiled for one CPU
-    may use instructions another lacks)."""
-    devices = jax.devices()
+def host_description() -> tuple[str, ...]:
+    """What an executable is compiled for, as it goes into its cache key: JAX/jaxlib
+    versions, backend, devices, the number of processes, the ``XLA_FLAGS`` the backend
+    started with (optimisation level, code generation and device-count flags change
+    the executable) and, on CPU, the instruction-set flags (an executable compiled for
+    one CPU may use instructions another lacks)."""
+    devices = jax.devices()  # starts the backend, which reads XLA_FLAGS once
     backend = devices[0].client
     parts = [
         jax.__version__,
@@ -105,12 +107,13 @@ def _host_digest() -> str:
         backend.platform_version,
         ";".join(f"{d.id}:{d.device_kind}" for d in devices),
         str(jax.process_count()),
+        os.environ.get("XLA_FLAGS", ""),
     ]
     cpuinfo = Path("/proc/cpuinfo")
     if backend.platform == "cpu" and cpuinfo.is_file():
         flags = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")]
         parts.append(flags[0] if flags else "")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return tuple(parts)
 
 
 class ExecutableCache:
@@ -119,7 +122,7 @@ class ExecutableCache:
     A program's file name is a SHA-256 over ``fingerprint`` (what the caller's programs
     depend on: model, optimizer, configuration), the program's key, the abstract
     arguments (shapes, dtypes, shardings, tree structure), this package's sources and
-    the machine (:func:`_host_digest`). Any change gives a new name, never a stale
+    the machine (:func:`host_description`). Any change gives a new name, never a stale
     program. Files are written atomically (temporary file, then rename); a file that
     cannot be read is compiled again and replaced. Only use directories you trust:
     loading an executable runs what it contains.
@@ -143,7 +146,7 @@ class ExecutableCache:
                 str(treedef),
                 repr(avals),
                 _source_digest(),
-                _host_digest(),
+                *host_description(),
             ]
         )
         return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()}.executable"

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from sdpoint_jax.config import config_from_saved, get_field
-from sdpoint_jax.data import pipeline
+from sdpoint_jax.data.specs import dataset_spec
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointError, CheckpointManager
@@ -72,7 +72,7 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
-    spec = pipeline.dataset_spec(config.data.dataset)
+    spec = dataset_spec(config.data.dataset)
     return create(
         config.model.name,
         num_classes=spec.num_classes,
@@ -110,7 +110,11 @@ def initial_state(
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """Training steps per epoch of ``config``'s training split and global batch size."""
+    """Training steps per epoch of ``config``'s training split and global batch size
+    (read from the prepared data set: TensorFlow is imported here, not with this module,
+    so that programs that only build models and steps start without it)."""
+    from sdpoint_jax.data import pipeline
+
     return pipeline.steps_per_epoch(
         config.data.dataset,
         config.optim.batch_size,
@@ -142,7 +146,7 @@ class Run:
         steps = steps_per_epoch(config)
         low_mode = low_mode_schedule(config, steps)
         if low_mode is not None:
-            image_size = pipeline.dataset_spec(config.data.dataset).image_size
+            image_size = dataset_spec(config.data.dataset).image_size
             low_mode.mode.input_hw((image_size, image_size))
         trainee = SDPointTrainee(create_model(config), config.sdpoint.enabled, low_mode)
         return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
@@ -171,7 +175,7 @@ class Run:
 
     @property
     def image_size(self) -> int:
-        return pipeline.dataset_spec(self.config.data.dataset).image_size
+        return dataset_spec(self.config.data.dataset).image_size
 
     @property
     def program_keys(self) -> list[Setting]:

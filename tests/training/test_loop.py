@@ -138,7 +138,10 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
 
 
 def test_eight_devices_match_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", EQUIVALENCE_SCRIPT],

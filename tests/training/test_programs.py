@@ -21,6 +21,7 @@ from sdpoint_jax.training.programs import (
     default_compile_workers,
     enable_compilation_cache,
     executable_cache,
+    host_description,
 )
 
 EXAMPLE = (jax.ShapeDtypeStruct((3, 4), jnp.float32),)
@@ -79,6 +80,20 @@ def test_another_fingerprint_or_shape_is_another_program(tmp_path):
     other = (jax.ShapeDtypeStruct((3, 5), jnp.float32),)
     assert cache.path(2.0, EXAMPLE) != cache.path(2.0, other)
     assert cache.path(2.0, EXAMPLE) == ExecutableCache(tmp_path, "a").path(2.0, EXAMPLE)
+
+
+def test_programs_compiled_with_other_xla_flags_are_other_programs(tmp_path, monkeypatch):
+    cache = ExecutableCache(tmp_path, "a")
+    assert os.environ["XLA_FLAGS"] in host_description()  # as the backend started
+    path = cache.path(2.0, EXAMPLE)
+    host_description.cache_clear()
+    try:
+        monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+        assert cache.path(2.0, EXAMPLE) != path
+    finally:
+        host_description.cache_clear()
+        monkeypatch.undo()
+    assert cache.path(2.0, EXAMPLE) == path
 
 
 @pytest.mark.usefixtures("persistent_cache_off")
