@@ -15,8 +15,9 @@ runs it:
 * library logs go to stderr in absl's format, errors only unless ``--verbosity``
   asks for more (the C++ side is set before TensorFlow loads,
   :mod:`sdpoint_jax.startup`);
-* a command that trains joins a multi-host JAX job first
-  (:func:`sdpoint_jax.training.parallel.initialize_distributed`).
+* a command that trains joins a multi-process JAX job first
+  (:func:`sdpoint_jax.training.parallel.initialize_distributed`; bad launch variables
+  are a user error).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     trace. Imported on use (they come with TensorFlow and orbax)."""
     from sdpoint_jax.data.pipeline import DatasetUnavailableError
     from sdpoint_jax.training.checkpoint import CheckpointError
+    from sdpoint_jax.training.local_processes import ProcessFailedError
 
     return (
         CheckpointError,
         DatasetUnavailableError,
+        ProcessFailedError,
         FileExistsError,
         FileNotFoundError,
         ValueError,
@@ -255,11 +258,11 @@ def run(program: Program, argv: Sequence[str] | None = None) -> Any:
         _usage_error(program, _named_command(program, argv), err)
     command = program.commands if name is None else program.commands[name]
     show_library_logs(flag_values.verbosity)
-    if command.trains:
-        from sdpoint_jax.training import parallel
-
-        parallel.initialize_distributed()
     try:
+        if command.trains:
+            from sdpoint_jax.training import parallel
+
+            parallel.initialize_distributed()
         return command.run(flag_values)
     except UsageError as err:
         _usage_error(program, name, err)

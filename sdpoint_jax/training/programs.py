@@ -241,7 +241,12 @@ class InstancePrograms:
             return
         with (
             concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
-            tqdm(total=len(todo), desc=f"compiling {self._name}", unit="program") as bar,
+            tqdm(
+                total=len(todo),
+                desc=f"compiling {self._name}",
+                unit="program",
+                disable=jax.process_index() != 0,  # one bar per job
+            ) as bar,
         ):
             futures = {pool.submit(self._compile, key): key for key in todo}
             for future in concurrent.futures.as_completed(futures):
