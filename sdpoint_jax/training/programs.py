@@ -221,6 +221,12 @@ class InstancePrograms:
                 self._executables.store(path, compiled)
         return compiled
 
+    def trace(self, key: Hashable) -> jax.stages.Traced:
+        """Program ``key`` traced, not compiled: ``.lower(lowering_platforms=("tpu",))``
+        lowers it for a platform that need not be this machine's (what a run there
+        compiles)."""
+        return self._build(key).trace(*self._example_args(key))
+
     def __getitem__(self, key: Hashable) -> Any:
         compiled = self._compiled.get(key)
         if compiled is None:
