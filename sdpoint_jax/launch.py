@@ -18,8 +18,6 @@ if __name__ == "__main__":  # before any library loads and any work
 
     start_program(__file__, host_memory=False)
 
-import functools
-import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -53,8 +51,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def launch(flag_values: flags.FlagValues, command: Sequence[str]) -> None:
     from sdpoint_jax.training.local_processes import run_local_processes
 
-    if not command:
-        raise cli.UsageError("give the command the processes run after --")
     run_local_processes(
         flag_values.module,
         command,
@@ -65,23 +61,20 @@ def launch(flag_values: flags.FlagValues, command: Sequence[str]) -> None:
     )
 
 
-def program(command: Sequence[str]) -> cli.Program:
-    """The launcher's command line, running ``command`` (the arguments after ``--``)."""
-    return cli.Program(
-        module="sdpoint_jax.launch",
-        description=__doc__,
-        define_flags=define_flags,
-        commands=cli.Command(functools.partial(launch, command=list(command))),
-        required=("local-processes",),
-    )
+PROGRAM = cli.Program(
+    module="sdpoint_jax.launch",
+    description=__doc__,
+    define_flags=define_flags,
+    commands=cli.Command(launch),
+    required=("local-processes",),
+    trailing="the command line every process runs (of --module)",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command line ``argv`` (default: this process's, without the program
     name): the launcher's flags, ``--``, then the command every process runs."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    cli.run(program(argv[split + 1 :]), argv[:split])
+    cli.run(PROGRAM, argv)
 
 
 if __name__ == "__main__":
