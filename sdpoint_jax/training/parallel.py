@@ -21,6 +21,7 @@ none across processes otherwise); GPU and TPU devices use their own.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator
@@ -156,11 +157,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 
 def shard_batches(
-    batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
+    batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, *, ahead: int = 2
 ) -> Iterator[dict[str, jax.Array]]:
-    """:func:`shard_batch` of every batch, lazily."""
+    """:func:`shard_batch` of every batch, ``ahead`` batches placed beyond the one
+    yielded (prefetch to device: their transfers overlap the consumer's work)."""
+    placed: collections.deque[dict[str, jax.Array]] = collections.deque()
     for batch in batches:
-        yield shard_batch(batch, mesh)
+        placed.append(shard_batch(batch, mesh))
+        if len(placed) > ahead:
+            yield placed.popleft()
+    yield from placed
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
