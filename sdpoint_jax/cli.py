@@ -15,8 +15,9 @@ runs it:
 * library logs go to stderr in absl's format, errors only unless ``--verbosity``
   asks for more (the C++ side is set before TensorFlow loads,
   :mod:`sdpoint_jax.startup`);
-* a command that trains joins a multi-host JAX job first
-  (:func:`sdpoint_jax.training.parallel.initialize_distributed`).
+* a command that trains joins a multi-process JAX job first
+  (:func:`sdpoint_jax.training.parallel.initialize_distributed`; bad launch variables
+  are a user error).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     trace. Imported on use (they come with TensorFlow and orbax)."""
     from sdpoint_jax.data.pipeline import DatasetUnavailableError
     from sdpoint_jax.training.checkpoint import CheckpointError
+    from sdpoint_jax.training.local_processes import ProcessFailedError
 
     return (
         CheckpointError,
         DatasetUnavailableError,
+        ProcessFailedError,
         FileExistsError,
         FileNotFoundError,
         ValueError,
@@ -59,13 +62,14 @@ class Command:
     """What a command runs, or all a program runs when it takes no command.
 
     Attributes:
-      run: called with the parsed flags; its result is :func:`run`'s.
+      run: called with the parsed flags (and, for a program with ``trailing``, the
+        arguments after ``--``); its result is :func:`run`'s.
       description: ``--help`` after the command prints it (default: the program's).
       needs: flags this command requires, besides the program's ``required``.
       trains: join a multi-host JAX job before running.
     """
 
-    run: Callable[[flags.FlagValues], Any]
+    run: Callable[..., Any]
     description: str = ""
     needs: tuple[str, ...] = ()
     trains: bool = False
@@ -86,6 +90,9 @@ class Program:
       config_file: help of ``--config``, a config file (``FILE`` or ``FILE:ARG``, ``ARG``
         passed to its ``get_config``) whose fields ``--config.FIELD=VALUE`` override;
         ``None``: the program defines no such flag.
+      trailing: what the arguments after ``--`` are, for a program without commands
+        that takes them (its command is called with the flags and that list);
+        ``None``: it takes none.
     """
 
     module: str
@@ -95,6 +102,7 @@ class Program:
     required: tuple[str, ...] = ()
     only: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     config_file: str | None = None
+    trailing: str | None = None
 
     @property
     def prog(self) -> str:
@@ -143,12 +151,23 @@ def help_text(program: Program, flag_values: flags.FlagValues, command: str | No
         description = program.commands[command].description or description
         names = [name for name in names if command in program.only.get(name, (command,))]
     flag_help = "\n".join(_flag_lines(flag_values[name]) for name in names)
-    return f"usage: {usage} [--FLAG=VALUE ...]\n\n{description.strip()}\n\nflags:\n{flag_help}\n"
+    after = "" if program.trailing is None else " -- ARGUMENTS..."
+    return (
+        f"usage: {usage} [--FLAG=VALUE ...]{after}\n\n{description.strip()}\n\n"
+        f"flags:\n{flag_help}\n"
+    )
+
+
+def split_trailing(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` before the first ``--``, and after it (empty without one)."""
+    if "--" not in argv:
+        return list(argv), []
+    end = list(argv).index("--")
+    return list(argv[:end]), list(argv[end + 1 :])
 
 
 def _asked_for_help(argv: Sequence[str]) -> bool:
-    before_end = argv[: argv.index("--")] if "--" in argv else argv
-    return any(arg in HELP_ARGUMENTS for arg in before_end)
+    return any(arg in HELP_ARGUMENTS for arg in split_trailing(argv)[0])
 
 
 def _named_command(program: Program, argv: Sequence[str]) -> str | None:
@@ -188,6 +207,10 @@ def parse(program: Program, flag_values: flags.FlagValues, argv: Sequence[str]) 
     :class:`UsageError` for a usage error."""
     # ml_collections' errors for a --config.FIELD override naming no field
     unknown_field = (AttributeError, KeyError) if program.config_file is not None else ()
+    if program.trailing is not None:
+        argv, trailing = split_trailing(argv)
+        if not trailing:
+            raise UsageError(f"give {program.trailing} after --")
     try:
         positional = flag_values([program.prog, *argv])[1:]
     except unknown_field as err:
@@ -255,11 +278,13 @@ def run(program: Program, argv: Sequence[str] | None = None) -> Any:
         _usage_error(program, _named_command(program, argv), err)
     command = program.commands if name is None else program.commands[name]
     show_library_logs(flag_values.verbosity)
-    if command.trains:
-        from sdpoint_jax.training import parallel
-
-        parallel.initialize_distributed()
     try:
+        if command.trains:
+            from sdpoint_jax.training import parallel
+
+            parallel.initialize_distributed()
+        if program.trailing is not None:
+            return command.run(flag_values, split_trailing(argv)[1])
         return command.run(flag_values)
     except UsageError as err:
         _usage_error(program, name, err)

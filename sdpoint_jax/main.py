@@ -1,7 +1,8 @@
 """Command line: ``python -m sdpoint_jax.main COMMAND --config FILE --workdir DIR``.
 
 Commands:
-  train       train with SDPoint (``--resume`` continues the latest checkpoint)
+  train       train with SDPoint (``--resume`` continues the newest intact checkpoint,
+              ``--resume-step N`` step N)
   calibrate   recompute every instance's BN statistics over fixed training batches
   evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot;
               ``--cascade`` also a confidence cascade across the instances, its
@@ -35,7 +36,19 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     """The flags besides ``--config`` (defined by :mod:`sdpoint_jax.cli`)."""
     define = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).", **define)
-    flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint.", **define)
+    flags.DEFINE_bool(
+        "resume",
+        False,
+        "Continue from the newest intact checkpoint (damaged newer ones are moved aside).",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "resume-step",
+        None,
+        "Continue from this checkpoint step (newer steps are moved aside).",
+        lower_bound=0,
+        **define,
+    )
     flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5,12:0.75'.", **define)
     flags.DEFINE_bool(
         "cascade",
@@ -61,7 +74,12 @@ def run_steps(flag_values: flags.FlagValues, steps: Sequence[str]) -> None:
     if flag_values.cascade and "train" in steps and "evaluate" in steps:
         cascade_holdout(config)  # a missing holdout_split fails now, not after training
     if "train" in steps:
-        train(config, workdir, resume=flag_values.resume)
+        train(
+            config,
+            workdir,
+            resume=flag_values.resume,
+            resume_step=flag_values["resume-step"].value,
+        )
     if "calibrate" in steps:
         calibrate_run(config, workdir)
     if "evaluate" in steps:
@@ -99,6 +117,7 @@ PROGRAM = cli.Program(
     required=("workdir",),
     only={
         "resume": ("train", "all"),
+        "resume-step": ("train", "all"),
         "instances": ("evaluate", "all"),
         "cascade": ("evaluate", "all"),
         "budget-gflops": ("select",),

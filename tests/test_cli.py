@@ -198,6 +198,7 @@ ENTRY_POINTS = {
     ),
     "sdpoint_jax.compare": (["--workdir", "/nonexistent"], 2),
     "sdpoint_jax.time_to_accuracy": ([f"--config={QUICK_CONFIG}", "--config.nope=1"], 2),
+    "sdpoint_jax.launch": (["--local-processes=2", "--devices-per-process=0", "--", "train"], 2),
 }
 
 

@@ -5,6 +5,7 @@ Commands:
   train     images/s of the train step: full network, cheapest instance, SDPoint mix
   compile   wall time to compile all ``2N + 1`` train-step programs: one by one, in
             parallel, and from a warm persistent compilation cache
+  input     decoded and augmented training images/s of the input pipeline, per core
 
 Each writes a JSON file and prints a table; see the modules of the same names.
 """

@@ -1,4 +1,5 @@
-"""``python -m sdpoint_jax.bench {latency,train,compile} --model M ...``; see
+"""``python -m sdpoint_jax.bench {latency,train,compile} --model M ...`` and
+``python -m sdpoint_jax.bench input --dataset D --data-dir DIR``; see
 :mod:`sdpoint_jax.bench`. ``--help`` after a command describes it."""
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from absl import flags
 import sdpoint_jax.bench
 from sdpoint_jax import cli
 from sdpoint_jax.bench import compile as compile_bench
+from sdpoint_jax.bench import input as input_bench
 from sdpoint_jax.bench import latency, options, train
 
 COMMANDS = {
-    "latency": cli.Command(latency.run, latency.__doc__),
-    "train": cli.Command(train.run, train.__doc__, needs=("batch",)),
-    "compile": cli.Command(compile_bench.run, compile_bench.__doc__),
+    "latency": cli.Command(latency.run, latency.__doc__, needs=("model",)),
+    "train": cli.Command(train.run, train.__doc__, needs=("model", "batch")),
+    "compile": cli.Command(compile_bench.run, compile_bench.__doc__, needs=("model",)),
+    "input": cli.Command(input_bench.run, input_bench.__doc__),
 }
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The shared target flags, then each command's own."""
     options.define_target_flags(flag_values)
-    for module in (latency, train, compile_bench):
+    for module in (latency, train, compile_bench, input_bench):
         module.define_flags(flag_values)
 
 
@@ -37,13 +40,17 @@ PROGRAM = cli.Program(
     description=sdpoint_jax.bench.__doc__,
     define_flags=define_flags,
     commands=COMMANDS,
-    required=("model",),
     only={
+        "model": ("latency", "train", "compile"),
+        "dtype": ("latency", "train", "compile"),
+        "conv-lowering": ("latency", "train", "compile"),
         "instances": ("latency",),
         "repeats": ("latency",),
-        "warmup": ("latency",),
-        "steps": ("train",),
+        "warmup": ("latency", "input"),
+        "steps": ("train", "input"),
         "workers": ("compile",),
+        "data-dir": ("input",),
+        "split": ("input",),
     },
 )
 

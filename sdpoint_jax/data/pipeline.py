@@ -1,15 +1,19 @@
 """Host-side input pipelines (tf.data + TensorFlow Datasets) for CIFAR-10/100 and ImageNet.
 
 Every public iterator yields numpy dicts for *this process only*: with ``P`` processes each
-batch holds ``global_batch_size // P`` examples, read from this process's own part of the
-split, so that the per-process batches concatenate to the global batch.
+batch holds ``global_batch_size // P`` examples, so that the per-process batches (disjoint)
+concatenate to the global batch. A training split that fits in the shuffle buffer is read
+whole by every process, each keeping its part of every global batch, so training batches
+do not depend on ``P``; a larger one, and every evaluation split, is read by each process
+in its own part.
 
 Determinism and resumption: the training stream is a pure function of ``(seed, step)`` (and
-the process layout). Epoch ``e`` reads the split in an order fixed by a seed derived from
-``(seed, e)`` and augments example ``i`` of that epoch with stateless random ops seeded from
-``(seed, e, i)``. Images stay encoded until after the shuffle and the resume ``skip``, so
-``train_batches(start_step=s)`` starts cheaply at epoch ``s // steps_per_epoch`` and yields
-exactly the batches ``s, s + 1, ...`` of an uninterrupted run.
+of ``P``, for a training split larger than the shuffle buffer). Epoch ``e`` reads the split
+in an order fixed by a seed derived from ``(seed, e)`` and augments example ``i`` of that
+epoch with stateless random ops seeded from ``(seed, e, i)``. Images stay encoded until
+after the shuffle and the resume ``skip``, so ``train_batches(start_step=s)`` starts cheaply
+at epoch ``s // steps_per_epoch`` and yields exactly the batches ``s, s + 1, ...`` of an
+uninterrupted run.
 
 Data location: ``data_dir`` if given, else the ``TFDS_DATA_DIR`` environment variable, else
 the tensorflow-datasets default. A data set that is not prepared there (and cannot be
@@ -331,28 +335,46 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
 
 
-EncodedSource = Callable[[int], tf.data.Dataset]
+@dataclasses.dataclass(frozen=True)
+class _TrainSource:
+    """Where the training examples of this process come from.
 
-
-def _train_source(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> EncodedSource:
-    """``source(file_seed)``: this process's part of the training split, images encoded.
-
-    If that part fits in the shuffle buffer, the buffer shuffles all of it and the file
-    order does not matter: the records are then read once, kept in memory and reused by
-    every epoch (no re-reading at epoch boundaries). Otherwise every call reads the record
-    files in an order shuffled with ``file_seed``.
+    Attributes:
+      read: ``read(file_seed)``, the encoded examples (scalar ``tf.string`` images).
+      readers: processes reading the same stream: ``jax.process_count()`` when ``read``
+        gives the whole split (each process keeps its part of every global batch), 1
+        when it gives this process's own part of the split.
+      part: this process's index among the readers.
     """
+
+    read: Callable[[int], tf.data.Dataset]
+    readers: int
+    part: int
+
+
+def _train_source(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> _TrainSource:
+    """The training examples of this process.
+
+    If the whole split fits in the shuffle buffer, every process reads all of it once,
+    keeps it in memory and reuses it in every epoch; all processes then shuffle it alike
+    and each keeps its contiguous part of every global batch, so the global batches (and
+    their augmentation) do not depend on the number of processes: a run resumed with
+    another process layout continues exactly. Otherwise each process reads its own part
+    of the split (``tfds.split_for_jax_process``), its record files in an order shuffled
+    with ``file_seed``, and the global batches depend on the layout.
+    """
+    if _split_size(builder, spec.train_split) <= spec.shuffle_buffer:
+        records = _read_encoded(builder, spec.train_split, shuffle_seed=None)
+        in_memory = tf.data.Dataset.from_tensor_slices(
+            records.batch(_cardinality(records)).get_single_element()
+        )
+        return _TrainSource(lambda _file_seed: in_memory, jax.process_count(), jax.process_index())
     split = _host_split(spec.train_split, drop_remainder=True)
-    records = _read_encoded(builder, split, shuffle_seed=None)
-    size = _cardinality(records)
-    if size <= spec.shuffle_buffer:
-        in_memory = tf.data.Dataset.from_tensor_slices(records.batch(size).get_single_element())
-        return lambda _file_seed: in_memory
-    return functools.partial(_read_encoded, builder, split)
+    return _TrainSource(functools.partial(_read_encoded, builder, split), 1, 0)
 
 
 def _train_epoch(
-    source: EncodedSource,
+    source: _TrainSource,
     spec: DatasetSpec,
     *,
     seed: int,
@@ -364,15 +386,21 @@ def _train_epoch(
     """Batches ``skip_batches .. num_batches - 1`` of this process in training epoch ``epoch``.
 
     Yields dicts with ``image`` float32 ``[batch_size, S, S, 3]`` (augmented, normalised) and
-    ``label`` int32 ``[batch_size]``. The order depends on ``(seed, epoch)``, the
-    augmentation of the i-th example of the epoch on ``(seed, epoch, i)``.
+    ``label`` int32 ``[batch_size]``. The stream read by ``source.readers`` processes is
+    shuffled in an order that depends on ``(seed, epoch)`` (and on the process, when
+    each reads its own part), and its i-th example is augmented as a function of
+    ``(seed, epoch, i)``; batch ``k`` of this process is part ``source.part`` of the
+    stream's ``k``-th run of ``batch_size * source.readers`` examples.
     """
-    process = jax.process_index()
-    shuffle_seed = int(_derive_seeds(seed, _SHUFFLE_TAG, epoch, process, count=1)[0])
-    preprocess = _train_preprocess(spec, _derive_seeds(seed, _AUGMENT_TAG, epoch, process, count=2))
-    ds = source(shuffle_seed)
+    stream = jax.process_index() if source.readers == 1 else 0
+    shuffle_seed = int(_derive_seeds(seed, _SHUFFLE_TAG, epoch, stream, count=1)[0])
+    preprocess = _train_preprocess(spec, _derive_seeds(seed, _AUGMENT_TAG, epoch, stream, count=2))
+    stream_batch = batch_size * source.readers
+    ds = source.read(shuffle_seed)
     ds = ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    ds = ds.take(num_batches * batch_size).enumerate().skip(skip_batches * batch_size)
+    ds = ds.take(num_batches * stream_batch).enumerate().skip(skip_batches * stream_batch)
+    if source.readers > 1:
+        ds = ds.filter(lambda index, _: index // batch_size % source.readers == source.part)
     ds = ds.map(preprocess, **_PARALLEL_MAP)
     return _finish(ds.batch(batch_size, drop_remainder=True))
 
@@ -395,7 +423,7 @@ def _train_preprocess(
 
 
 def _iterate_train(
-    source: EncodedSource,
+    source: _TrainSource,
     spec: DatasetSpec,
     *,
     seed: int,

@@ -14,7 +14,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data import pipeline
@@ -29,7 +31,7 @@ from sdpoint_jax.evaluation.evaluate import (
 from sdpoint_jax.evaluation.plot import plot_cost_error
 from sdpoint_jax.evaluation.selection import select_instance
 from sdpoint_jax.training.run import Run, TrainState, restore_for_evaluation
-from sdpoint_jax.training.run_dir import RunDir, write_rows_json
+from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
 
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -57,7 +59,10 @@ def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Tra
     calibrated = state.replace(batch_stats=variables["batch_stats"])
     directory = run.run_dir.calibrated
     if run.run_dir.calibrated_step() == step:  # derived data: replace this step's calibration
-        shutil.rmtree(directory / str(step))
+        if jax.process_index() == 0:
+            shutil.rmtree(directory / str(step))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("replace calibrated statistics")
     with run.checkpoints(directory, keep_last=1) as manager:
         manager.save(
             step, {"state": calibrated, "draws": draws}, config=config.to_dict(), force=True
@@ -108,7 +113,6 @@ def evaluate_run(
     """
     holdout = cascade_holdout(config) if cascade else None
     run, state, source = restore_for_evaluation(config, workdir)
-    files = run.run_dir
     chosen = run.model.space.parse_list(instances)
     bn_modes = ("instance", "uniform") if config.sdpoint.bn_mode == "instance" else ("uniform",)
     print(
@@ -135,10 +139,7 @@ def evaluate_run(
         mesh=run.mesh,
         progress=True,
     )
-    write_results(rows, run.workdir, source)
-    print(format_results(rows))
-    written = [files.results_csv, files.results_json, files.cost_error_png]
-    curves = {}
+    cascade_rows = None
     if cascade:
         print(
             f"cascade: thresholds fit on {holdout!r}, {config.cascade.budget_points} target costs"
@@ -155,6 +156,25 @@ def evaluate_run(
             mesh=run.mesh,
             progress=True,
         )
+    if jax.process_index() == 0:  # every process holds the same rows: one writes them
+        _write_evaluation(config, run, source, rows, cascade_rows)
+    return rows
+
+
+def _write_evaluation(
+    config: ml_collections.ConfigDict,
+    run: Run,
+    source: Source,
+    rows: list[dict],
+    cascade_rows: list[dict] | None,
+) -> None:
+    """Writes and prints the results (and the cascade's, unless ``None``) and the plot."""
+    files = run.run_dir
+    write_results(rows, run.workdir, source)
+    print(format_results(rows))
+    written = [files.results_csv, files.results_json, files.cost_error_png]
+    curves = {}
+    if cascade_rows is not None:
         write_csv(cascade_rows, files.cascade_csv)
         write_rows_json(files.cascade_json, cascade_rows, source)
         print(format_cascade(cascade_rows))
@@ -167,7 +187,6 @@ def evaluate_run(
     )
     plot_cost_error(rows, files.cost_error_png, title=title, extra_curves=curves)
     print(f"wrote {', '.join(path.name for path in written)} in {run.workdir}")
-    return rows
 
 
 def format_results(rows: list[dict]) -> str:

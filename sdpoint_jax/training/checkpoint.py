@@ -11,6 +11,10 @@ Orbax writes every step into ``<step>.orbax-checkpoint-tmp`` and renames it only
 items are complete, so a write cut short (crash, preemption, ``SIGKILL``) never appears
 as a step; leftover temporary directories are deleted when a manager is opened.
 
+A step whose files cannot be read (a truncated data file, a bad disk) is not lost to
+resuming: :meth:`CheckpointManager.restore_newest_intact` moves it aside (it is never
+deleted) and reads the newest intact step instead.
+
 Retention keeps the ``keep_last`` most recent steps *and* the ``keep_best`` steps with
 the best ``best_metric``, however old. Every failure to read a checkpoint surfaces as a
 :class:`CheckpointError` that names the directory (and step), not as one of the many
@@ -24,13 +28,16 @@ import contextlib
 import json
 import math
 import signal
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, Self
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 STATE_ITEM = "state"
@@ -40,6 +47,10 @@ META_ITEM = "meta"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the state it is restored into."""
+
+
+class CorruptedCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read (truncated, missing or damaged)."""
 
 
 class _Closing:
@@ -235,6 +246,60 @@ class CheckpointManager(_Closing):
             restored = self._manager.restore(step, args=_restore_args(state_template))
         return restored[STATE_ITEM], restored[CONFIG_ITEM], restored[META_ITEM]
 
+    def restore_newest_intact(
+        self, state_template: Any
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """:meth:`restore` of the newest step that can be read. Each newer step that
+        cannot (:class:`CorruptedCheckpointError`) is moved aside to
+        ``<directory>/<step>.corrupted`` (:meth:`move_aside`; never deleted), with a
+        warning on stderr that names it and the step read instead.
+
+        Raises:
+          CheckpointError: no checkpoint, none intact, or the newest intact one does not
+            match ``state_template``.
+        """
+        self.wait_until_finished()
+        damaged: list[tuple[int, CorruptedCheckpointError]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(state_template, step)
+            except CorruptedCheckpointError as err:
+                damaged.append((step, err))
+                continue
+            for bad, err in damaged:
+                moved = self.move_aside(bad, "corrupted")
+                if jax.process_index() == 0:
+                    print(
+                        f"warning: {err}; moved it to {moved} and read step {step} instead",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            return restored
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self._directory}: steps "
+                f"{sorted(step for step, _ in damaged)} are all corrupted or incomplete"
+            )
+        raise CheckpointError(f"no checkpoint found in {self._directory}")
+
+    def move_aside(self, step: int, label: str) -> Path:
+        """Renames checkpoint ``step`` to ``<step>.<label>`` (``<step>.<label>-2`` ...
+        where taken), out of the manager's steps; returns the new path. Process 0 of a
+        multi-process job renames, the others only wait for it."""
+        self.wait_until_finished()
+        source = self._directory / str(step)
+        target = self._directory / f"{step}.{label}"
+        suffix = 2
+        while target.exists():
+            target = self._directory / f"{step}.{label}-{suffix}"
+            suffix += 1
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"move aside checkpoint {step}")
+        self._manager.reload()
+        return target
+
     def saved_config(self, step: int | None = None) -> dict[str, Any]:
         """The config saved with checkpoint ``step`` (default: the latest), read without
         the state; ``CheckpointError`` as for :meth:`restore`."""
@@ -274,9 +339,9 @@ class CheckpointManager(_Closing):
             summary = lines[0][:300] if lines else ""
             raise self._corrupted(step, f"{type(err).__name__}: {summary}") from None
 
-    def _corrupted(self, step: int, reason: str) -> CheckpointError:
+    def _corrupted(self, step: int, reason: str) -> CorruptedCheckpointError:
         """The error for an unreadable checkpoint ``step``."""
-        return CheckpointError(
+        return CorruptedCheckpointError(
             f"checkpoint step {step} in {self._directory} is corrupted or incomplete ({reason})"
         )
 

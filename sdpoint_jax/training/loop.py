@@ -49,21 +49,35 @@ from sdpoint_jax.training.schedules import ProgramKey, learning_rate_schedule
 from sdpoint_jax.training.steps import program_fingerprint, train_programs
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    resume: bool,
+    resume_step: int | None = None,
+) -> TrainState:
     """Trains ``config`` with SDPoint in ``workdir`` (checkpoints in
     ``workdir/checkpoints``), evaluating the full network every
     ``config.run.eval_every_epochs`` and keeping the best checkpoint too.
 
-    With ``resume`` the latest checkpoint is restored and training continues exactly
-    as an uninterrupted run would; without it, an existing checkpoint is an error
-    (nothing trained is ever overwritten). SIGTERM saves a checkpoint and returns.
+    With ``resume`` the newest intact checkpoint is restored (a damaged newer one is
+    moved aside, with a warning) and training continues exactly as an uninterrupted run
+    would; ``resume_step`` restores that step instead (newer steps are moved aside).
+    Without either, an existing checkpoint is an error (nothing trained is ever
+    overwritten). SIGTERM saves a checkpoint and returns.
     """
-    state, _ = fit(Run.create(config, workdir), resume=resume, evaluate=True)
+    run = Run.create(config, workdir)
+    state, _ = fit(run, resume=resume, evaluate=True, resume_step=resume_step)
     return state
 
 
 def fit(
-    run: Run, *, resume: bool, evaluate: bool, keep_last: int | None = None
+    run: Run,
+    *,
+    resume: bool,
+    evaluate: bool,
+    keep_last: int | None = None,
+    resume_step: int | None = None,
 ) -> tuple[TrainState, bool]:
     """Trains ``run.trainee`` for ``config.optim.num_epochs`` (or up to ``config.run.max_steps``):
     the one training loop of the project, for SDPoint and for every method of the
@@ -74,12 +88,12 @@ def fit(
     ``config.run.checkpoint_every_steps`` steps, at the end and on SIGTERM. With
     ``evaluate``, the full network's top-1 accuracy is measured every
     ``config.run.eval_every_epochs`` (the best checkpoint is kept too). ``resume``: see
-    :func:`train`. ``keep_last``: checkpoints kept (default
-    ``config.run.keep_checkpoints``).
+    :func:`train`; ``resume_step`` implies ``resume``. ``keep_last``: checkpoints kept
+    (default ``config.run.keep_checkpoints``).
     """
     config = run.config
     run.workdir.mkdir(parents=True, exist_ok=True)
-    state, draws = _start_state(run, resume)
+    state, draws = _start_state(run, resume or resume_step is not None, resume_step)
     start = int(state.step)
     end = (
         run.total_steps
@@ -190,19 +204,34 @@ def fit(
     return state, stopped
 
 
-def _start_state(run: Run, resume: bool) -> tuple[TrainState, dict[str, int]]:
+def _start_state(
+    run: Run, resume: bool, resume_step: int | None
+) -> tuple[TrainState, dict[str, int]]:
     with run.checkpoints() as manager:
-        latest = manager.latest_step()
-    if latest is None:
+        steps = manager.all_steps()
+        if resume_step is not None:
+            if resume_step not in steps:
+                raise CheckpointError(
+                    f"no checkpoint for --resume-step={resume_step} in "
+                    f"{run.run_dir.checkpoints}; available steps: {steps}"
+                )
+            for step in steps[steps.index(resume_step) + 1 :]:
+                moved = manager.move_aside(step, "superseded")
+                if jax.process_index() == 0:
+                    print(f"--resume-step={resume_step}: moved step {step} aside to {moved}")
+    if not steps:
         if resume:
             print(f"no checkpoint in {run.run_dir.checkpoints} yet: starting fresh")
         return run.initial_state(), run.initial_draws()
     if not resume:
         raise CheckpointError(
-            f"{run.run_dir.checkpoints} already holds a checkpoint (step {latest}); "
+            f"{run.run_dir.checkpoints} already holds a checkpoint (step {steps[-1]}); "
             f"pass --resume to continue it, or choose a new --workdir"
         )
-    return run.restore()
+    state, draws = run.restore(step=resume_step, fall_back=True)
+    if jax.process_index() == 0:
+        print(f"resuming from checkpoint step {int(state.step)} in {run.run_dir.checkpoints}")
+    return state, draws
 
 
 def _save(manager, config, step, state, draws, metrics) -> None:

@@ -224,6 +224,12 @@ class InstancePrograms:
                 self._executables.store(path, compiled)
         return compiled
 
+    def trace(self, key: Hashable) -> jax.stages.Traced:
+        """Program ``key`` traced, not compiled: ``.lower(lowering_platforms=("tpu",))``
+        lowers it for a platform that need not be this machine's (what a run there
+        compiles)."""
+        return self._build(key).trace(*self._example_args(key))
+
     def __getitem__(self, key: Hashable) -> Any:
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -244,7 +250,12 @@ class InstancePrograms:
             return
         with (
             concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
-            tqdm(total=len(todo), desc=f"compiling {self._name}", unit="program") as bar,
+            tqdm(
+                total=len(todo),
+                desc=f"compiling {self._name}",
+                unit="program",
+                disable=jax.process_index() != 0,  # one bar per job
+            ) as bar,
         ):
             futures = {pool.submit(self._compile, key): key for key in todo}
             for future in concurrent.futures.as_completed(futures):

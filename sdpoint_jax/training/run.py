@@ -195,12 +195,20 @@ class Run:
         state = initial_state(self.trainee, self.tx, self.image_size, self.config.seed)
         return parallel.replicate(state, self.mesh)
 
-    def restore(self, directory: Path | None = None) -> tuple[TrainState, dict]:
-        """The latest checkpoint in ``directory`` (default: the training checkpoints),
-        checked against this config."""
+    def restore(
+        self, directory: Path | None = None, *, step: int | None = None, fall_back: bool = False
+    ) -> tuple[TrainState, dict]:
+        """Checkpoint ``step`` (default: the latest) in ``directory`` (default: the
+        training checkpoints), checked against this config. With ``fall_back`` (and no
+        ``step``), the newest intact one: damaged newer steps are moved aside
+        (:meth:`CheckpointManager.restore_newest_intact`)."""
         directory = directory or self.run_dir.checkpoints
         with self.checkpoints(directory) as manager:
-            checkpoint, saved_config, _ = manager.restore(self.checkpoint_template())
+            if fall_back and step is None:
+                restored = manager.restore_newest_intact(self.checkpoint_template())
+            else:
+                restored = manager.restore(self.checkpoint_template(), step)
+            checkpoint, saved_config, _ = restored
         # flat configs of earlier versions are migrated; a field missing from an older
         # checkpoint's config had its default value then
         saved = config_from_saved(saved_config)

@@ -160,19 +160,24 @@ def train_programs(
     *,
     conv_lowering: str,
     seed: int = 0,
+    platform: str | None = None,
 ) -> TrainPrograms:
     """Train steps of ``trainee`` keyed by setting (for SDPoint an instance, or a low
     mode of the full instance): state replicated (and donated), batch sharded on the
     mesh's data axis; step ``s`` draws its randomness from ``(seed, s)``.
 
     ``conv_lowering`` (one of :data:`sdpoint_jax.xla_cpu.conv_lowering.CONV_LOWERINGS`,
-    ``"auto"`` resolved for the default backend) lowers the convolutions of the
-    gradient programs (:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`).
+    ``"auto"`` resolved for ``platform``, default the default backend's) lowers the
+    convolutions of the gradient programs
+    (:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`); a ``platform``
+    other than this machine's is for lowering only (:meth:`InstancePrograms.trace`
+    of :attr:`TrainPrograms.gradients`, ``mesh`` possibly a
+    ``jax.sharding.AbstractMesh``).
     With a ``fingerprint`` (of everything ``trainee`` and ``tx`` depend on, e.g.
     :func:`program_fingerprint`) and the persistent compilation cache on, compiled
     programs are also kept across runs (:func:`sdpoint_jax.training.programs.executable_cache`),
     the gradient programs under ``fingerprint`` and the resolved lowering."""
-    lowering = resolve_conv_lowering(conv_lowering)
+    lowering = resolve_conv_lowering(conv_lowering, platform)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def build_gradients(key: Setting):

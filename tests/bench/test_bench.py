@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import pytest
 
@@ -15,6 +16,7 @@ from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.evaluation.selection import select_instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
+from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 TINY = ["--model", "wrn-10-1", "--dataset", "cifar10"]
 ENVIRONMENT = {
@@ -176,7 +178,7 @@ def test_latency_order_checks():
         (["latency", *TINY, "--warmup", "-1"], "flag --warmup=-1: -1 is not a non-negative"),
         (["latency", *TINY, "--dtype", "float16"], "flag --dtype=float16: value should be one of"),
         (["latency", "--model", "wrn-x", "--dataset", "cifar10"], "unknown model 'wrn-x'"),
-        (["latency", "--dataset", "cifar10"], "--model is required"),
+        (["latency", "--dataset", "cifar10"], "latency needs --model"),
         (["train", *TINY, "--batch", "0"], "flag --batch=0: every batch size must be >= 1, got 0"),
         (["train", *TINY], "train needs --batch"),
         (["train", *TINY, "--batch", "4,8"], "--batch: train takes one batch size, got 4,8"),
@@ -186,10 +188,13 @@ def test_latency_order_checks():
         ),
         (["train", *TINY, "--batch", "4", "--repeats", "2"], "--repeats applies to latency only"),
         (["compile", *TINY, "--workers", "0"], "flag --workers=0: 0 is not a positive integer"),
-        (["compile", *TINY, "--steps", "2"], "--steps applies to train only, not to compile"),
+        (
+            ["compile", *TINY, "--steps", "2"],
+            "--steps applies to train and input only, not to compile",
+        ),
         (["compile", *TINY, "--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
-        ([*TINY], "give one command out of latency, train, compile; got none"),
-        (["speed", *TINY], "give one command out of latency, train, compile; got speed"),
+        ([*TINY], "give one command out of latency, train, compile, input; got none"),
+        (["speed", *TINY], "give one command out of latency, train, compile, input; got speed"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv, message, capsys):
@@ -204,3 +209,33 @@ def test_bad_input_is_a_usage_error(argv, message, capsys):
         assert "<float32|bfloat16>" in error  # the allowed values
     if "--dataset" in argv and "mnist" in argv:
         assert "<cifar10|cifar100|imagenet2012>" in error
+
+
+@needs_cifar10
+def test_input_bench_times_the_training_pipeline(tmp_path, capsys):
+    argv = ["input", "--dataset", "cifar10", "--data-dir", str(SHARED_DATA_DIR)]
+    argv += ["--split", "train[:64]", "--batch", "16", "--steps", "6", "--warmup", "2"]
+    result = main([*argv, "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "input_bench.json").read_text()) == result
+    assert result["split"] == "train[:64]" and (result["batch"], result["steps"]) == (16, 6)
+    assert result["cores"] == len(os.sched_getaffinity(0))
+    assert result["images_per_s"] == pytest.approx(6 * 16 / result["seconds"])
+    assert result["images_per_s_per_core"] == pytest.approx(
+        result["images_per_s"] / result["cores"]
+    )
+    assert result["cpu_model"] and result["platform"] == "cpu"
+    assert f"{result['cores']} cores" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["input", "--model", "wrn-10-1"], "--model applies to latency and train and compile"),
+        (["latency", "--split", "train"], "--split applies to input only"),
+    ],
+)
+def test_input_and_model_flags_belong_to_their_commands(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -107,6 +107,36 @@ def test_each_process_reads_its_share_of_the_global_batch(
     assert evaluation["mask"].shape == (4,)
 
 
+def process_batches(
+    monkeypatch: pytest.MonkeyPatch, processes: int, start_step: int, count: int
+) -> list[list[dict[str, np.ndarray]]]:
+    """``count`` training batches of every process of ``processes`` (global batch 2 *
+    BATCH, seed 3, from ``start_step``), read as that process would."""
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    streams = []
+    for index in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        batches = pipeline.train_batches(
+            "cifar100", global_batch_size=2 * BATCH, seed=3, start_step=start_step
+        )
+        streams.append(take(batches, count))
+    return streams
+
+
+def test_process_batches_are_the_parts_of_the_one_process_global_batch(
+    mocked: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 examples, 2 steps per epoch at global batch 8: from step 3, two epoch ends; the
+    # one-process batches are distinct examples (test_every_epoch_is_a_permutation...),
+    # so the parts are disjoint and cover the global batch
+    (whole,) = process_batches(monkeypatch, 1, 3, 4)
+    first, second = process_batches(monkeypatch, 2, 3, 4)
+    for one, part0, part1 in zip(whole, first, second, strict=True):
+        assert part0["label"].shape == part1["label"].shape == (BATCH,)
+        for key in one:
+            np.testing.assert_array_equal(np.concatenate([part0[key], part1[key]]), one[key])
+
+
 # --------------------------------------------------------------------------------------
 # Missing data.
 

@@ -222,6 +222,53 @@ def test_corrupted_checkpoint_names_step_and_directory(
         manager.restore(state)
 
 
+def test_resume_falls_back_to_the_newest_intact_step_and_moves_the_damaged_one_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    states = {step: {"w": jnp.arange(1000.0) + step} for step in (1, 2, 3)}
+    with CheckpointManager(tmp_path, keep_last=3) as manager:
+        for step, state in states.items():
+            manager.save(step, state, config=CONFIG)
+    damaged = sorted(p for p in (tmp_path / "3" / "state").glob("**/d/*") if p.is_file())
+    assert damaged
+    for path in damaged:
+        _truncate(path)
+    with CheckpointManager(tmp_path, keep_last=3) as manager:
+        state, _, meta = manager.restore_newest_intact(states[1])
+        assert manager.all_steps() == [1, 2]
+    assert_bitwise_equal(state, states[2])
+    assert meta["step"] == 2
+    moved = tmp_path / "3.corrupted"
+    assert step_dirs(tmp_path) == ["1", "2", "3.corrupted"]
+    assert sorted(p for p in (moved / "state").glob("**/d/*") if p.is_file()) == [
+        moved / p.relative_to(tmp_path / "3") for p in damaged
+    ]  # kept, not deleted
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"warning: checkpoint step 3 in {tmp_path} is corrupted")
+    assert warning.endswith(f"moved it to {moved} and read step 2 instead")
+    with CheckpointManager(tmp_path) as manager:
+        assert manager.all_steps() == [1, 2]
+        assert manager.move_aside(2, "corrupted") == tmp_path / "2.corrupted"
+        (tmp_path / "1.corrupted").mkdir()
+        assert manager.move_aside(1, "corrupted") == tmp_path / "1.corrupted-2"
+        with pytest.raises(CheckpointError, match="no checkpoint found in"):
+            manager.restore_newest_intact(states[1])
+
+
+def test_no_intact_step_names_the_damaged_ones(tmp_path: Path) -> None:
+    state = {"w": jnp.arange(1000.0)}
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(4, state, config=CONFIG)
+    for path in (tmp_path / "4" / "state").glob("**/d/*"):
+        _delete(path)
+    with (
+        CheckpointManager(tmp_path) as manager,
+        pytest.raises(CheckpointError, match=r"no intact checkpoint in .*: steps \[4\] are all"),
+    ):
+        manager.restore_newest_intact(state)
+    assert step_dirs(tmp_path) == ["4"]  # nothing moved when nothing could be read
+
+
 def test_interrupted_write_is_never_the_latest_step(tmp_path: Path) -> None:
     state = make_state(2)
     with CheckpointManager(tmp_path) as manager:

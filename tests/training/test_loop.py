@@ -44,14 +44,42 @@ def test_log_counts_training_seconds_of_the_steps(trained_run):
     assert all(a < b for a, b in itertools.pairwise(seconds))
 
 
-def test_resumed_run_repeats_the_uninterrupted_run_exactly(trained_run, tmp_path):
+def assert_same_state(state, expected) -> None:
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(trained_run, tmp_path, capsys):
     train(tiny_config(3), tmp_path, resume=False)
     state = train(tiny_config(TRAINED_STEPS), tmp_path, resume=True)
     assert losses(tmp_path) == losses(trained_run.workdir)
     assert len(losses(tmp_path)) == 6
     assert len({instance for _, _, instance in losses(tmp_path)}) > 1  # instances drawn
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(trained_run.state), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_state(state, trained_run.state)
+
+    # the newest step damaged: resume reads step 3, moves step 6 aside, trains it again
+    checkpoints = tmp_path / "checkpoints"
+    for path in (checkpoints / "6" / "state").glob("**/d/*"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    assert_same_state(train(tiny_config(TRAINED_STEPS), tmp_path, resume=True), trained_run.state)
+    output = capsys.readouterr()
+    assert f"warning: checkpoint step 6 in {checkpoints} is corrupted" in output.err
+    assert f"moved it to {checkpoints / '6.corrupted'} and read step 3 instead" in output.err
+    assert f"resuming from checkpoint step 3 in {checkpoints}" in output.out
+    # an explicit step: the newer one is moved aside too
+    state = train(tiny_config(TRAINED_STEPS), tmp_path, resume=False, resume_step=3)
+    assert_same_state(state, trained_run.state)
+    assert f"moved step 6 aside to {checkpoints / '6.superseded'}" in capsys.readouterr().out
+    names = sorted(path.name for path in checkpoints.iterdir())
+    assert [name for name in names if name[0].isdigit()] == [
+        "3",
+        "6",
+        "6.corrupted",
+        "6.superseded",
+    ]
+    with pytest.raises(CheckpointError, match=r"--resume-step=4 .*available steps: \[3, 6\]"):
+        train(tiny_config(TRAINED_STEPS), tmp_path, resume=True, resume_step=4)
 
 
 def test_existing_checkpoint_is_never_overwritten(trained_run, tmp_path):
