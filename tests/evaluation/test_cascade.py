@@ -379,6 +379,7 @@ def test_evaluate_cascade_on_a_tiny_run(tmp_path):
     reach = sum(gflops[s] for s in stages)
     for row, line in zip(cascade, table, strict=True):
         assert float(line["avg_gflops"]) == pytest.approx(row["avg_gflops"])
+        assert row["accounting"] == line["accounting"] == "prefix"
         assert gflops[stages[0]] <= row["avg_gflops"] <= reach + 1e-9
         assert abs(row["fit_avg_gflops"] - row["target_gflops"]) <= 0.1 * row["target_gflops"]
         assert 0.0 <= row["top1_error"] <= 100.0 and row["examples"] == 48
