@@ -6,7 +6,9 @@ Commands:
   calibrate   recompute every instance's BN statistics over fixed training batches
   evaluate    top-1/top-5 error of every instance (instance BN and UBN), FLOPs, plot;
               ``--cascade`` also a confidence cascade across the instances, its
-              thresholds fit on ``config.data.holdout_split``
+              thresholds fit on ``config.data.holdout_split``, each stage resuming
+              from the prefix an earlier stage computed (``--cascade-cost=summed``:
+              the earlier accounting, every stage from the image)
   select      the best evaluated instance within ``--budget-gflops`` or ``--budget-ms``
   all         train, calibrate and evaluate in one go
 
@@ -57,6 +59,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "config.data.holdout_split (cascade.csv, cascade.json, a curve on cost_error.png).",
         **define,
     )
+    flags.DEFINE_enum(
+        "cascade-cost",
+        "prefix",
+        ["prefix", "summed"],
+        "How the cascade counts a stage's cost: 'prefix' (it resumes from the prefix an "
+        "earlier stage computed) or 'summed' (every stage runs from the image).",
+        **define,
+    )
     flags.DEFINE_float("budget-gflops", None, "GFLOPs per image budget.", **define)
     flags.DEFINE_float("budget-ms", None, "Milliseconds per batch budget.", **define)
     flags.DEFINE_string("latency", None, "Latency table (default WORKDIR/latency.json).", **define)
@@ -83,7 +93,13 @@ def run_steps(flag_values: flags.FlagValues, steps: Sequence[str]) -> None:
     if "calibrate" in steps:
         calibrate_run(config, workdir)
     if "evaluate" in steps:
-        evaluate_run(config, workdir, flag_values.instances, cascade=flag_values.cascade)
+        evaluate_run(
+            config,
+            workdir,
+            flag_values.instances,
+            cascade=flag_values.cascade,
+            cascade_cost=flag_values["cascade-cost"].value,
+        )
 
 
 def select(flag_values: flags.FlagValues) -> dict:
@@ -120,6 +136,7 @@ PROGRAM = cli.Program(
         "resume-step": ("train", "all"),
         "instances": ("evaluate", "all"),
         "cascade": ("evaluate", "all"),
+        "cascade-cost": ("evaluate", "all"),
         "budget-gflops": ("select",),
         "budget-ms": ("select",),
         "latency": ("select",),

@@ -199,6 +199,8 @@ ENTRY_POINTS = {
     "sdpoint_jax.compare": (["--workdir", "/nonexistent"], 2),
     "sdpoint_jax.time_to_accuracy": ([f"--config={QUICK_CONFIG}", "--config.nope=1"], 2),
     "sdpoint_jax.launch": (["--local-processes=2", "--devices-per-process=0", "--", "train"], 2),
+    "sdpoint_jax.serve": (["--export", "/nonexistent"], 1),
+    "sdpoint_jax.serve.loadtest": (["--url", "http://10.0.0.1:8000", "--rates", "5"], 1),
 }
 
 

@@ -43,6 +43,7 @@ from sdpoint_jax.core.layers import AdaptivePool, Pool, conv
 from sdpoint_jax.core.lowmode import LowMode, downsample_images
 from sdpoint_jax.core.norm import KeyedBatchNorm, check_bn_mode, layer_keys, statistics_key
 from sdpoint_jax.core.pooling import downsampled_hw
+from sdpoint_jax.core.prefix import PointTap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +126,11 @@ class SDPointContext:
         )
 
     def point(self, x: jax.Array, index: int, *, replaces: Pool | None = None) -> jax.Array:
-        """Downsampling point ``index`` applied to ``x`` ``(N, H, W, C)``."""
+        """Downsampling point ``index`` applied to ``x`` ``(N, H, W, C)``, after its
+        :class:`sdpoint_jax.core.prefix.PointTap` (the identity unless a prefix is
+        being reused)."""
         self._check_index(index, upper=self.space.num_points)
+        x = PointTap(index)(x)
         if index != self.instance.point:
             return x if replaces is None else replaces(x)
         size = x.shape[1:3] if replaces is None else replaces.output_hw(x.shape[1:3])

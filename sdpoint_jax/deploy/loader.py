@@ -58,6 +58,11 @@ class ExportedModel:
         """Forward GFLOPs per image of ``instance``."""
         return self._entry(instance)["gflops"]
 
+    def function(self, instance: str) -> jax.export.Exported:
+        """The deserialised function of ``instance``: ``images (B, H, W, 3)`` -> logits,
+        for callers that compile it themselves (``jax.jit(f.call)``)."""
+        return self._function(self._entry(instance)["file"])
+
     def logits(self, images: Any, instance: str) -> np.ndarray:
         """Logits ``(B, num_classes)`` of ``instance`` for ``images`` ``(B, H, W, 3)``
         (0-255 RGB)."""

@@ -12,13 +12,17 @@ prediction; the others go on to stage ``i + 1``, and the last stage takes every 
 left. This is the budgeted classification of :mod:`sdpoint_jax.evaluation.budget` with instances
 as its stages.
 
-Cost. Every stage runs its instance on the input image, so a sample stopping at stage
-``i`` costs the GFLOPs of stages ``1..i`` together (:func:`cumulative_gflops`), and the
-average cost is that sum averaged over the samples. This is what :class:`Cascade`
-computes; it is an upper bound: instance ``(p, r)`` computes blocks ``1..p`` exactly as
-the full network does (same weights and the same ``"full"`` batch-norm statistics,
-:mod:`sdpoint_jax.core.norm`), so an implementation keeping the feature map after block
-``min(p_i, p_j)`` of stage ``i`` could skip that prefix in a later stage ``j``.
+Cost (:data:`ACCOUNTINGS`). Instance ``(p, r)`` computes its prefix up to point
+``p`` exactly as the full network does (:mod:`sdpoint_jax.core.prefix`: same layers
+and map sizes, and, by :func:`sdpoint_jax.core.norm.statistics_key`, the same
+batch-norm statistics, in either bn mode). So a later stage starts from the map an
+earlier stage left at its point (:func:`prefix_plan`: the deepest earlier point that
+it shares) and runs only the layers after it. With ``"prefix"`` accounting (the
+default, what :class:`Cascade` runs) a sample stopping at stage ``i`` costs stage 1
+plus the increments of stages ``2..i`` (:func:`stage_costs`); with ``"summed"`` every
+stage runs from the image and costs its whole instance, the sum of stages ``1..i``
+(the accounting of earlier versions, kept for comparison). Either way the average cost
+is that per-sample cost averaged over the samples.
 
 Thresholds (:func:`cascade_rows`). For each target average cost,
 :func:`sdpoint_jax.evaluation.budget.fit_thresholds` fits the thresholds on held-out training
@@ -43,7 +47,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.instance import Instance, InstanceSpace
+from sdpoint_jax.core.prefix import prefix_depth, shares_prefix, tapped
 from sdpoint_jax.evaluation.budget import budgeted_eval, budgeted_stops, fit_thresholds
 from sdpoint_jax.evaluation.selection import pareto_front, select_instance
 from sdpoint_jax.models import SDPointModel
@@ -53,6 +58,10 @@ from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
+
+ACCOUNTINGS = ("prefix", "summed")
+"""How a stage's cost is counted: ``"prefix"`` (resumed from an earlier stage's prefix,
+the layers after it only) or ``"summed"`` (the whole instance, from the image)."""
 
 
 @functools.cache
@@ -69,6 +78,92 @@ def _probabilities_fn(model: SDPointModel) -> Callable[..., jax.Array]:
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     return probabilities
+
+
+@functools.cache
+def _staged_fn(model: SDPointModel) -> Callable[..., jax.Array]:
+    """Jitted ``(variables, inputs, instance, start, capture, input_hw) -> (probs,
+    map)``: softmax probabilities of ``instance`` in eval mode, run from ``inputs``:
+    images ``(B, H, W, 3)`` where ``start == 0``, else the map at the tap of point
+    ``start`` (:mod:`sdpoint_jax.core.prefix`; the layers before it are left out of the
+    compiled program); ``map`` is the one at the tap of point ``capture`` (``None``
+    where ``capture == 0``). All but the arrays are static."""
+
+    @functools.partial(
+        jax.jit,
+        static_argnames=("instance", "start", "capture", "input_hw"),
+        compiler_options=inference_compiler_options(),
+    )
+    def staged(
+        variables: Any,
+        inputs: jax.Array,
+        instance: Instance,
+        start: int,
+        capture: int,
+        input_hw: tuple[int, int],
+    ) -> tuple[jax.Array, jax.Array | None]:
+        images = jnp.zeros((len(inputs), *input_hw, 3), jnp.float32) if start else inputs
+        resume = (start, inputs) if start else None
+        with tapped(resume=resume, capture=capture or None) as captured:
+            logits = model.apply(variables, images, instance=instance, train=False)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return probs, (captured[0] if capture else None)
+
+    return staged
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """How :class:`Cascade` runs one stage: from the map at the tap of point ``start``
+    (``0``: from the image), keeping the map at the tap of point ``capture`` for later
+    stages (``0``: none)."""
+
+    start: int
+    capture: int
+
+
+def prefix_plan(
+    stages: Sequence[Instance], space: InstanceSpace, bn_mode: str, *, reuse: bool = True
+) -> tuple[StageRun, ...]:
+    """Where each stage starts and what it keeps: stage ``j`` starts at the deepest
+    point ``d_i = prefix_depth(stage i)`` of an earlier stage ``i`` whose prefix of
+    that depth it shares (:func:`sdpoint_jax.core.prefix.shares_prefix`), else from the
+    image; the first stage of each such depth captures its map. ``reuse=False``: every
+    stage from the image (the ``"summed"`` accounting)."""
+    depths = [prefix_depth(stage, space) for stage in stages]
+    starts = []
+    for j, stage in enumerate(stages):
+        shared = [
+            depths[i]
+            for i in range(j)
+            if reuse and shares_prefix(stages[i], stage, depths[i], space, bn_mode)
+        ]
+        starts.append(max(shared, default=0))
+    captures = [
+        depths[i] if depths[i] in starts[i + 1 :] and depths[i] not in depths[:i] else 0
+        for i in range(len(stages))
+    ]
+    return tuple(StageRun(start, capture) for start, capture in zip(starts, captures, strict=True))
+
+
+def stage_costs(
+    model: SDPointModel,
+    stages: Sequence[Instance],
+    input_hw: tuple[int, int],
+    accounting: str = "prefix",
+) -> np.ndarray:
+    """GFLOPs ``(k,)`` stage ``i`` adds for a sample that reaches it: the counter's
+    FLOPs (:func:`sdpoint_jax.models.cost.count_flops`) of the layers it runs under
+    :func:`prefix_plan` (``"prefix"``), or of its whole instance (``"summed"``)."""
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    plan = prefix_plan(stages, model.space, model.bn_mode, reuse=accounting == "prefix")
+    return np.array(
+        [
+            count_flops(model, stage, input_hw, start=run.start) / 1e9
+            for stage, run in zip(stages, plan, strict=True)
+        ]
+    )
 
 
 def instance_probabilities(
@@ -160,8 +255,9 @@ def cascade_stages(gflops: Sequence[float], errors: Sequence[float]) -> list[int
 
 
 def cumulative_gflops(stage_gflops: Sequence[float]) -> np.ndarray:
-    """Cost ``(k,)`` of a sample stopping at each stage: stage ``i`` sums the GFLOPs of
-    stages ``1..i``, each of which ran on it (see the module docstring)."""
+    """Cost ``(k,)`` of a sample stopping at each stage: the sum of what stages
+    ``1..i`` add (``stage_gflops``, :func:`stage_costs`), each of which ran on it (see
+    the module docstring)."""
     costs = np.asarray(stage_gflops, dtype=np.float64)
     if costs.ndim != 1 or not len(costs) or not np.all(costs > 0):
         raise ValueError(f"stage_gflops must be one positive cost per stage, got {stage_gflops}")
@@ -207,6 +303,7 @@ def cascade_rows(
     budget_points: int,
     single_rows: Sequence[Row],
     bn_mode: str = "instance",
+    accounting: str = "prefix",
 ) -> list[Row]:
     """One row per target average cost of :func:`budget_targets`: thresholds fit on the
     held-out probabilities, cascade measured on the test probabilities.
@@ -216,16 +313,18 @@ def cascade_rows(
       test_probs: float ``(k, N, classes)`` test probabilities of the stages.
       test_labels: int ``(N,)``.
       stages: the ``k`` stage instances, cheapest first.
-      stage_gflops: ``(k,)`` GFLOPs per image of each stage's instance alone.
+      stage_gflops: ``(k,)`` GFLOPs each stage adds for a sample that reaches it
+        (:func:`stage_costs`).
       full_gflops: the full network's GFLOPs per image (the highest target).
       budget_points: number of targets.
       single_rows: test results of single instances (``point``, ``ratio``, ``gflops``,
         ``top1_error``, ``bn_mode``, as :func:`sdpoint_jax.evaluation.evaluate.evaluate_instances`
         returns), to compare with.
       bn_mode: which of ``single_rows`` to compare with.
+      accounting: how ``stage_gflops`` were counted (:data:`ACCOUNTINGS`), recorded.
 
     Returns:
-      Rows with ``target_gflops``; ``fit_avg_gflops`` (average cost on the held-out
+      Rows with ``accounting``, ``target_gflops``; ``fit_avg_gflops`` (average cost on the held-out
       images); ``avg_gflops`` and ``top1_error`` (%) on the test images; ``stages``
       (``"P:R,..,full"``); ``thresholds`` of stages ``1..k-1`` (the last takes every
       sample left; ``inf`` lets none stop); ``stage_fractions``, the fraction of test
@@ -263,6 +362,7 @@ def cascade_rows(
         single = select_instance(single_rows, budget_gflops=budget, bn_mode=bn_mode)
         rows.append(
             {
+                "accounting": accounting,
                 "target_gflops": float(target),
                 "fit_avg_gflops": float(costs[fit_stops].mean()),
                 "avg_gflops": avg_gflops,
@@ -292,6 +392,7 @@ def evaluate_cascade(
     input_hw: tuple[int, int],
     budget_points: int,
     single_rows: Sequence[Row],
+    accounting: str = "prefix",
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> list[Row]:
@@ -305,6 +406,7 @@ def evaluate_cascade(
       input_hw: image height and width, for the FLOPs count.
       budget_points: number of target average costs (:func:`budget_targets`).
       single_rows: test results of single instances to compare with (:func:`cascade_rows`).
+      accounting: the stages' costs, :data:`ACCOUNTINGS` (:func:`stage_costs`).
       mesh: split batches over its ``"data"`` axis.
       progress: show progress bars.
 
@@ -315,6 +417,8 @@ def evaluate_cascade(
       ValueError: fewer than two stages on the held-out Pareto front, and the errors of
         :func:`instance_probabilities` and :func:`cascade_rows`.
     """
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
     candidates = list(dict.fromkeys(instances))
     fit_probs, fit_labels = instance_probabilities(
         model, variables, fit_batches, candidates, mesh=mesh, progress=progress, desc="held out"
@@ -335,11 +439,12 @@ def evaluate_cascade(
         test_probs,
         test_labels,
         stages,
-        gflops[chosen],
+        stage_costs(model, stages, input_hw, accounting),
         full_gflops=count_flops(model, Instance.full(), input_hw) / 1e9,
         budget_points=budget_points,
         single_rows=single_rows,
         bn_mode=model.bn_mode,
+        accounting=accounting,
     )
 
 
@@ -396,10 +501,15 @@ class Cascade:
     """A confidence cascade for inference: ``cascade(images) -> CascadeOutput``.
 
     Stage 1 runs on the whole batch; each later stage runs only on the samples whose
-    top probability stayed below every earlier stage's threshold. Those samples are
-    gathered on the host and padded with zero images to :func:`bucket_size` (padding
-    examples do not change the others' outputs: inference normalises with stored
-    statistics). Each (stage, batch size) is one jitted program, compiled on first use.
+    top probability stayed below every earlier stage's threshold. With
+    ``reuse_prefix`` (the default) a later stage starts from the map an earlier stage
+    kept at its point, as :func:`prefix_plan` says, and runs only the layers after it;
+    the outputs are those of running it from the image (up to float rounding: XLA may
+    fuse the shortened program differently), at the cost :func:`stage_costs` counts.
+    The samples left are gathered on the host and padded with zeros to
+    :func:`bucket_size` (padding examples do not change the others' outputs: inference
+    normalises with stored statistics). Each (stage, batch size) is one jitted
+    program, compiled on first use.
 
     Args:
       model: the trained model.
@@ -409,6 +519,8 @@ class Cascade:
         :func:`sdpoint_jax.evaluation.budget.fit_thresholds`); a sample stops at stage ``i`` when
         its top probability is ``>= thresholds[i]``; the last stage takes every sample
         left, whatever its threshold.
+      reuse_prefix: start later stages from earlier stages' prefixes; ``False``: every
+        stage from the image (the ``"summed"`` accounting).
     """
 
     def __init__(
@@ -417,6 +529,8 @@ class Cascade:
         variables: Any,
         stages: Sequence[Instance],
         thresholds: np.ndarray | Sequence[float],
+        *,
+        reuse_prefix: bool = True,
     ) -> None:
         if not stages:
             raise ValueError("a cascade needs at least one stage, got none")
@@ -427,8 +541,9 @@ class Cascade:
                 f"need {len(self.stages)} thresholds (one per stage, no NaN), got "
                 f"{self.thresholds.tolist()}"
             )
+        self.plan = prefix_plan(self.stages, model.space, model.bn_mode, reuse=reuse_prefix)
         self.variables = jax.device_put(variables)
-        self._probabilities = _probabilities_fn(model)
+        self._staged = _staged_fn(model)
 
     def __call__(self, images: np.ndarray | jax.Array) -> CascadeOutput:
         """Classifies ``images`` float32 ``(B, H, W, 3)``, ``B >= 1``."""
@@ -440,16 +555,23 @@ class Cascade:
         stage = np.empty(batch, np.int64)
         remaining = np.arange(batch)
         evaluated, batch_sizes = [], []
-        for index, instance in enumerate(self.stages):
+        kept: dict[int, np.ndarray] = {0: images}  # point -> map at its tap, per sample
+        for index, (instance, run) in enumerate(zip(self.stages, self.plan, strict=True)):
             if not len(remaining):
                 evaluated.append(0)
                 batch_sizes.append(0)
                 continue
             size = batch if index == 0 else bucket_size(len(remaining), batch)
-            inputs = np.zeros((size, *images.shape[1:]), images.dtype)
-            inputs[: len(remaining)] = images[remaining]
-            out = np.asarray(self._probabilities(self.variables, inputs, instance))
-            out = out[: len(remaining)]
+            source = kept[run.start]
+            inputs = np.zeros((size, *source.shape[1:]), source.dtype)
+            inputs[: len(remaining)] = source[remaining]
+            out, captured = self._staged(
+                self.variables, inputs, instance, run.start, run.capture, images.shape[1:3]
+            )
+            if run.capture:
+                kept[run.capture] = np.zeros((batch, *captured.shape[1:]), captured.dtype)
+                kept[run.capture][remaining] = np.asarray(captured)[: len(remaining)]
+            out = np.asarray(out)[: len(remaining)]
             if probs is None:
                 probs = np.empty((batch, out.shape[-1]), np.float32)
             probs[remaining] = out

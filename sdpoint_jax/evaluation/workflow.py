@@ -100,6 +100,7 @@ def evaluate_run(
     workdir: str | Path,
     instances: str = "all",
     cascade: bool = False,
+    cascade_cost: str = "prefix",
 ) -> list[dict]:
     """Top-1/top-5 error of every instance with instance BN and UBN; writes
     ``results.csv``, ``results.json`` and ``cost_error.png``.
@@ -109,7 +110,8 @@ def evaluate_run(
     an SDPoint run): stages and thresholds fit on ``config.data.holdout_split`` for
     ``config.cascade.budget_points`` target average costs, measured on ``config.data.eval_split``;
     writes ``cascade.csv`` and ``cascade.json`` and adds its curve to
-    ``cost_error.png``. Returns the instance rows either way.
+    ``cost_error.png``. ``cascade_cost``: the cascade's cost accounting
+    (:data:`sdpoint_jax.evaluation.cascade.ACCOUNTINGS`). Returns the instance rows either way.
     """
     holdout = cascade_holdout(config) if cascade else None
     run, state, source = restore_for_evaluation(config, workdir)
@@ -153,6 +155,7 @@ def evaluate_run(
             input_hw=input_hw,
             budget_points=config.cascade.budget_points,
             single_rows=rows,
+            accounting=cascade_cost,
             mesh=run.mesh,
             progress=True,
         )
@@ -180,7 +183,7 @@ def _write_evaluation(
         print(format_cascade(cascade_rows))
         written += [files.cascade_csv, files.cascade_json]
         stages = cascade_rows[0]["stages"].count(",") + 1
-        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN)"
+        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN, {cascade_cost} cost)"
         curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
     title = f"{config.model.name} on {config.data.dataset}" + (
         "" if config.sdpoint.enabled else " (no SDPoint)"

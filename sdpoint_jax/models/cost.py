@@ -40,6 +40,7 @@ from sdpoint_jax.core.layers import AdaptivePool, Add, GlobalAvgPool, Pool, Relu
 from sdpoint_jax.core.lowmode import DownsampledKernelConv, LowMode
 from sdpoint_jax.core.norm import KeyedBatchNorm
 from sdpoint_jax.core.pooling import bin_element_count
+from sdpoint_jax.core.prefix import PointTap, prefix_depth
 from sdpoint_jax.models import SDPointModel
 
 CONV_TAPS = ("all", "valid")
@@ -158,6 +159,7 @@ def count_flops(
     *,
     conv_taps: str = "all",
     low_mode: LowMode | None = None,
+    start: int = 0,
 ) -> int:
     """FLOPs of one image of size ``input_hw`` through ``instance``.
 
@@ -165,6 +167,9 @@ def count_flops(
     convolution; ``"valid"`` skips taps that fall on zero padding, as XLA's cost
     analysis does (it matters on small maps: a 3x3 conv on a 1x1 map has 1 valid tap).
     ``low_mode``: the cost in low mode (the model downsamples the ``input_hw`` image).
+    ``start``: only the layers run after the tap of point ``start``
+    (:mod:`sdpoint_jax.core.prefix`), the cost of resuming from the prefix of that
+    depth; ``0``: every layer. It must be at most ``prefix_depth(instance)``.
     """
     model.space.validate(instance)
     model.check_low_mode(low_mode)
@@ -172,12 +177,23 @@ def count_flops(
         raise ValueError(f"conv_taps must be one of {CONV_TAPS}, got {conv_taps!r}")
     if low_mode is not None:
         low_mode.input_hw(input_hw)
+    depth = prefix_depth(instance, model.space)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= depth:
+        raise ValueError(
+            f"start must be a point in 0..{depth} (the prefix instance {instance} computes "
+            f"at full size), got {start!r}"
+        )
     total = 0
+    counting = start == 0
 
     def count(next_fun, args, kwargs, context):
-        nonlocal total
+        nonlocal total, counting
         output = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
+        if context.method_name != "__call__":
+            return output
+        if isinstance(context.module, PointTap) and context.module.index == start:
+            counting = True
+        elif counting:
             total += _layer_flops(context.module, args[0], output, conv_taps) or 0
         return output
 

@@ -10,19 +10,25 @@ import numpy as np
 import pytest
 
 from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.core.prefix import shares_prefix
 from sdpoint_jax.evaluation.budget import budgeted_stops
 from sdpoint_jax.evaluation.cascade import (
     Cascade,
+    StageRun,
+    _staged_fn,
     bucket_size,
     budget_targets,
     cascade_rows,
     cascade_stages,
     cumulative_gflops,
     instance_probabilities,
+    prefix_plan,
+    stage_costs,
     top1_errors,
 )
 from sdpoint_jax.evaluation.workflow import cascade_holdout, evaluate_run
 from sdpoint_jax.models import create
+from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.run_dir import RunDir, Source, read_rows_json
 from tests.conftest import needs_cifar10, random_variables, tiny_cifar10_config
@@ -219,6 +225,76 @@ def test_runtime_cascade_equals_the_simulation(tiny_model, simulated):
     np.testing.assert_allclose(everyone_stops.probs, probs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_prefix_reuse_gives_the_outputs_of_each_stage_from_the_image(tiny_model, simulated):
+    """Every sample runs every stage: stage 2 resumes from stage 1's map at point 1,
+    stage 3 from stage 2's at point 3; the last stage's probabilities are the full
+    network's from the image (the runtime test above checks stages 1 and 2 the same
+    way, with samples stopping there)."""
+    model, variables = tiny_model
+    images, probs = simulated
+    cascade = Cascade(model, variables, RUNTIME_STAGES, [1.1, 1.1, 0.0])
+    assert cascade.plan == (StageRun(0, 1), StageRun(1, 3), StageRun(3, 0))
+    out = cascade(images[:8])
+    assert out.evaluated == (8, 8, 8)
+    np.testing.assert_array_equal(out.stage, np.full(8, 2))
+    np.testing.assert_allclose(out.probs, probs[2, :8], rtol=1e-5, atol=1e-6)
+    from_image = Cascade(model, variables, RUNTIME_STAGES, [1.1, 1.1, 0.0], reuse_prefix=False)
+    assert from_image.plan == (StageRun(0, 0),) * 3
+
+
+def test_prefix_plan_resumes_from_the_deepest_shared_point():
+    space = create("wrn-16-1", ratios=(0.5, 0.75)).space  # points 1..6
+    stages = [Instance(3, 0.5), Instance(1, 0.5), Instance(3, 0.75), Instance(2, 0.75)]
+    stages.append(Instance.full())
+    for bn_mode in ("instance", "uniform"):  # both key blocks 1..p as the full network
+        assert prefix_plan(stages, space, bn_mode) == (
+            StageRun(0, 3),  # kept for 3:0.75 and full
+            StageRun(0, 1),  # point 3 lies past 1:0.5's point
+            StageRun(3, 0),  # point 3 was kept by stage 1
+            StageRun(1, 0),  # 3 > 2: resumes from 1:0.5's point 1
+            StageRun(3, 0),  # the full network's maps are all full size
+        )
+        assert prefix_plan(stages, space, bn_mode, reuse=False) == (StageRun(0, 0),) * 5
+    full, early = Instance.full(), Instance(2, 0.5)
+    assert shares_prefix(full, early, 2, space, "instance")
+    assert not shares_prefix(full, early, 3, space, "instance")  # 2:0.5 pooled at 2
+    assert not shares_prefix(full, full, 0, space, "instance")
+
+
+def test_accounted_flops_are_those_of_the_layers_run(tiny_model):
+    """A stage's accounted cost is the counter's count of the layers after its resume
+    point: its instance without the full network's prefix. The compiled program runs
+    just those layers: XLA's cost analysis of the resumed program falls short of the
+    one from the image by the prefix the counter leaves out (``conv_taps="valid"``,
+    XLA's convention; to 0.1%, as in tests/models)."""
+    model, variables = tiny_model
+    staged = _staged_fn(model)
+    full_flops = count_flops(model, Instance.full(), HW)
+    costs = stage_costs(model, RUNTIME_STAGES, HW)
+    summed = stage_costs(model, RUNTIME_STAGES, HW, "summed")
+    plan = prefix_plan(RUNTIME_STAGES, model.space, model.bn_mode)
+    maps = {0: (1, *HW, 3), 1: (1, *HW, 16), 3: (1, 4, 4, 64)}  # tap maps of wrn-10-1
+    for stage, run, cost, whole in zip(RUNTIME_STAGES, plan, costs, summed, strict=True):
+        assert whole * 1e9 == count_flops(model, stage, HW)
+        prefix = full_flops - count_flops(model, Instance.full(), HW, start=run.start)
+        assert cost * 1e9 == count_flops(model, stage, HW, start=run.start)
+        assert cost * 1e9 == count_flops(model, stage, HW) - prefix
+        xla = [
+            staged.lower(
+                variables, np.zeros(maps[start], np.float32), stage, start, 0, HW
+            ).cost_analysis()["flops"]
+            for start in (0, run.start)
+        ]
+        valid = [count_flops(model, stage, HW, start=s, conv_taps="valid") for s in (0, run.start)]
+        # the compiled program leaves out the prefix the counter leaves out
+        assert xla[0] - xla[1] == pytest.approx(valid[0] - valid[1], rel=1e-3)
+    assert costs[0] == summed[0] and all(costs[1:] < summed[1:])
+    with pytest.raises(ValueError, match="accounting must be one of"):
+        stage_costs(model, RUNTIME_STAGES, HW, "sum")
+    with pytest.raises(ValueError, match=r"start must be a point in 0..1 .* got 2"):
+        count_flops(model, Instance(1, 0.5), HW, start=2)
+
+
 def test_runtime_cascade_errors(tiny_model):
     model, variables = tiny_model
     with pytest.raises(ValueError, match=r"need 3 thresholds \(one per stage, no NaN\)"):
@@ -303,6 +379,7 @@ def test_evaluate_cascade_on_a_tiny_run(tmp_path):
     reach = sum(gflops[s] for s in stages)
     for row, line in zip(cascade, table, strict=True):
         assert float(line["avg_gflops"]) == pytest.approx(row["avg_gflops"])
+        assert row["accounting"] == line["accounting"] == "prefix"
         assert gflops[stages[0]] <= row["avg_gflops"] <= reach + 1e-9
         assert abs(row["fit_avg_gflops"] - row["target_gflops"]) <= 0.1 * row["target_gflops"]
         assert 0.0 <= row["top1_error"] <= 100.0 and row["examples"] == 48

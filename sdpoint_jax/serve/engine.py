@@ -1,0 +1,125 @@
+"""The compiled programs a server runs, and their latency table.
+
+At start-up every exported instance is compiled for every batch bucket
+(:func:`sdpoint_jax.serve.controller.buckets`), so no request waits for a compilation.
+Each program maps images ``(bucket, H, W, 3)`` 0-255 RGB to float32 softmax
+probabilities ``(bucket, classes)``. The latency of each (instance, bucket) is read from
+a ``latency.json`` of :mod:`sdpoint_jax.bench.latency` (its rows of this model and
+this device kind; ``p90_ms``), and measured where the file has none: ``repeats`` runs
+after one warm-up, their 90th percentile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdpoint_jax.deploy.loader import ExportedModel
+from sdpoint_jax.serve.controller import Level, buckets
+
+LATENCY_QUANTILE = 90
+"""The percentile of one batch's latency the controller plans with."""
+
+
+def table_latencies(
+    path: str | Path, model: str, device_kind: str, names: Sequence[str]
+) -> dict[tuple[str, int], float]:
+    """``{(instance, batch): p90_ms}`` of the rows of ``latency.json`` at ``path`` for
+    ``model`` on ``device_kind`` and one of ``names``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no latency table at {path}")
+    return {
+        (row["instance"], int(row["batch"])): float(row["p90_ms"])
+        for row in json.loads(path.read_text())
+        if row.get("model") == model
+        and row.get("device_kind") == device_kind
+        and row["instance"] in names
+    }
+
+
+class Engine:
+    """Compiled programs of every instance of ``exported`` at every bucket up to
+    ``max_batch``, the latency table and the controller's levels.
+
+    Args:
+      exported: the export directory, loaded.
+      max_batch: the largest batch (a power of two).
+      latency_file: a ``latency.json`` to read latencies from (``None``: measure all).
+      repeats: timed runs per program where a latency is measured.
+    """
+
+    def __init__(
+        self,
+        exported: ExportedModel,
+        max_batch: int,
+        *,
+        latency_file: str | Path | None = None,
+        repeats: int = 10,
+    ) -> None:
+        self.exported = exported
+        self.max_batch = max_batch
+        self.buckets = buckets(max_batch)
+        self.input_shape = tuple(exported.manifest["input"]["shape"][1:])
+        entries = {entry["name"]: entry for entry in exported.manifest["instances"]}
+        self.levels = tuple(
+            Level(name, float(entries[name]["gflops"]), entries[name]["top1_error"])
+            for name in exported.instances
+        )
+        self._programs = {
+            (name, bucket): self._compile(name, bucket)
+            for name in exported.instances
+            for bucket in self.buckets
+        }
+        known: dict[tuple[str, int], float] = {}
+        if latency_file is not None:
+            known = table_latencies(
+                latency_file,
+                exported.manifest["model"],
+                jax.devices()[0].device_kind,
+                exported.instances,
+            )
+        self.latency_source = {
+            key: "table" if key in known else "measured" for key in self._programs
+        }
+        self.latency_ms = {
+            key: known[key] if key in known else self._measure(key, repeats)
+            for key in self._programs
+        }
+
+    def _compile(self, name: str, bucket: int) -> Any:
+        function = self.exported.function(name)
+
+        def probabilities(images: jax.Array) -> jax.Array:
+            return jax.nn.softmax(function.call(images), axis=-1)
+
+        spec = jax.ShapeDtypeStruct((bucket, *self.input_shape), jnp.float32)
+        return jax.jit(probabilities).lower(spec).compile()
+
+    def _measure(self, key: tuple[str, int], repeats: int) -> float:
+        images = np.zeros((key[1], *self.input_shape), np.float32)
+        program = self._programs[key]
+        program(images).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            program(images).block_until_ready()
+            times.append(1e3 * (time.perf_counter() - start))
+        return float(np.percentile(times, LATENCY_QUANTILE))
+
+    def level(self, name: str) -> Level:
+        return next(level for level in self.levels if level.name == name)
+
+    def run(self, name: str, images: np.ndarray, bucket: int) -> np.ndarray:
+        """Probabilities ``(n, classes)`` of ``images`` ``(n, H, W, 3)``, ``n <=
+        bucket``, through ``name``'s program for ``bucket`` (zero-padded)."""
+        padded = np.zeros((bucket, *self.input_shape), np.float32)
+        padded[: len(images)] = images
+        return np.asarray(self._programs[name, bucket](padded))[: len(images)]

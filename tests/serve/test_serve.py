@@ -1,0 +1,272 @@
+"""The server of an export: the controller's choice for a latency table and a queue,
+and one server process end to end (classify, every kind of refused input, metrics, a
+load test, SIGTERM draining)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.data.specs import SPECS
+from sdpoint_jax.deploy.artifacts import write_export
+from sdpoint_jax.deploy.loader import load_exported
+from sdpoint_jax.models import create
+from sdpoint_jax.serve import loadtest
+from sdpoint_jax.serve.controller import Level, bucket_size, buckets, choose, predicted_ms
+from tests.conftest import random_variables
+
+REPO = Path(__file__).resolve().parents[2]
+
+# ----------------------------------------------------------------------- controller
+
+LEVELS = [Level("1:0.5", 0.1, 40.0), Level("2:0.5", 0.2, 30.0), Level("full", 0.4, 20.0)]
+LATENCY = {  # ms per batch of 1, 2, 4
+    **{("1:0.5", b): ms for b, ms in ((1, 1.0), (2, 1.5), (4, 2.0))},
+    **{("2:0.5", b): ms for b, ms in ((1, 2.0), (2, 3.0), (4, 4.0))},
+    **{("full", b): ms for b, ms in ((1, 4.0), (2, 6.0), (4, 8.0))},
+}
+
+
+def pick(**kwargs) -> str:
+    settings = {"bucket": 4, "queued": 0, "waited_ms": 0.0, "slo_ms": 10.0, "max_batch": 4}
+    return choose(LEVELS, LATENCY, **{**settings, **kwargs}).name
+
+
+def test_controller_chooses_the_most_accurate_instance_within_the_target():
+    assert pick() == "full"  # 8 ms <= 10
+    assert pick(waited_ms=3.0) == "2:0.5"  # full: 3 + 8 > 10; 2:0.5: 3 + 4
+    # 5 images queued behind: one batch of 4 and one of 1 follow
+    assert predicted_ms(LATENCY, "full", 4, 5, 4) == 8.0 + 8.0 + 4.0
+    assert pick(queued=5, slo_ms=20.0) == "full"
+    assert pick(queued=5, slo_ms=19.0) == "2:0.5"  # 4 + 4 + 2 = 10
+    assert pick(queued=5, slo_ms=9.0) == "1:0.5"  # 2 + 2 + 1 = 5
+    # none fits: the one that empties the queue soonest
+    assert pick(queued=5, waited_ms=50.0) == "1:0.5"
+    assert pick(bucket=1, waited_ms=5.0) == "full"  # light load: 5 + 4 <= 10
+    # without errors in the manifest, the costlier instance counts as more accurate
+    unknown = [dataclasses.replace(level, top1_error=None) for level in LEVELS]
+    assert choose(
+        unknown, LATENCY, bucket=2, queued=0, waited_ms=0, slo_ms=4, max_batch=4
+    ).name == ("2:0.5")
+    with pytest.raises(ValueError, match="at least one instance"):
+        choose([], LATENCY, bucket=1, queued=0, waited_ms=0, slo_ms=1, max_batch=4)
+
+
+def test_buckets_are_powers_of_two():
+    assert buckets(8) == (1, 2, 4, 8)
+    assert [bucket_size(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="power of two >= 1, got 6"):
+        buckets(6)
+    with pytest.raises(ValueError, match=r"images must lie in \[1, 8\], got 9"):
+        bucket_size(9, 8)
+
+
+# ------------------------------------------------------------------ server end to end
+
+HW = 16
+MAX_BATCH = 4
+ERRORS = {"full": 10.0, "1:0.5": 30.0}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """WRN-10-1 (random weights, 16x16 inputs) exported as full and 1:0.5."""
+    model = create("wrn-10-1", num_classes=10, ratios=(0.5,))
+    spec = dataclasses.replace(SPECS["cifar10"], image_size=HW)
+    out = tmp_path_factory.mktemp("serve") / "export"
+    errors = {
+        Instance.parse(name): {"top1_error": e, "top5_error": 1.0, "evaluated_examples": 10}
+        for name, e in ERRORS.items()
+    }
+    info = {"model": "wrn-10-1", "dataset": "cifar10", "num_classes": 10, "step": 0}
+    write_export(
+        out,
+        model,
+        random_variables(model, seed=3),
+        [Instance.full(), Instance(1, 0.5)],
+        spec,
+        platforms=("cpu",),
+        info={**info, "statistics": "running-average", "bn_mode": "instance"},
+        errors=errors,
+    )
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None, content_type: str = "application/x-npy"):
+    """``(status, body bytes)`` of a GET (``body=None``) or POST."""
+    headers = {} if body is None else {"Content-Type": content_type}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in Prometheus text."""
+    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(lines) == 1, (name, text)
+    return float(lines[0].split()[-1])
+
+
+def test_server_end_to_end(export_dir, compilation_cache_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_dir)}
+    command = [sys.executable, "-m", "sdpoint_jax.serve", "--export", str(export_dir)]
+    settings = ["--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "4000"]
+    server = subprocess.Popen(
+        [*command, *settings, "--max-body-mb", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in server.stdout:  # start-up compiles every program, then listens
+            if "Running on" in line:
+                break
+        else:
+            pytest.fail(f"the server exited with {server.wait()} before listening")
+        status, body = request(f"{url}/healthz")
+        health = json.loads(body)
+        assert status == 200 and health["input_shape"] == [HW, HW, 3]
+        assert [(i["name"], i["top1_error"]) for i in health["instances"]] == [
+            ("1:0.5", 30.0),
+            ("full", 10.0),
+        ]
+
+        # a full batch is served at once, by the full network (light load)
+        images = np.random.default_rng(0).uniform(0, 255, (MAX_BATCH, HW, HW, 3))
+        status, body = request(f"{url}/v1/classify?top_k=3", npy(images.astype(np.float32)))
+        answer = json.loads(body)
+        assert status == 200 and answer["instance"] == "full" and answer["top1_error"] == 10.0
+        logits = load_exported(export_dir).logits(images, "full")
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for predicted, row in zip(answer["predictions"], probs, strict=True):
+            assert [p["class"] for p in predicted] == list(np.argsort(-row, kind="stable")[:3])
+            np.testing.assert_allclose(
+                [p["probability"] for p in predicted], np.sort(row)[::-1][:3], rtol=1e-4
+            )
+        pinned = {"images": images.round().tolist(), "instance": "1:0.5", "top_k": 1}
+        status, body = request(
+            f"{url}/v1/classify", json.dumps(pinned).encode(), "application/json"
+        )
+        assert status == 200 and json.loads(body)["instance"] == "1:0.5"
+
+        one_image = np.zeros((HW, HW, 3), int).tolist()
+        unknown_instance = json.dumps({"images": one_image, "instance": "2:0.5"}).encode()
+        refused = {
+            "wrong shape": (npy(np.zeros((2, 8, 8, 3), np.float32)), "application/x-npy", 400),
+            "wrong dtype": (npy(np.zeros((HW, HW, 3), np.complex64)), "application/x-npy", 400),
+            "too many": (npy(np.zeros((5, HW, HW, 3), np.uint8)), "application/x-npy", 400),
+            "out of range": (npy(np.full((HW, HW, 3), 256.0)), "application/x-npy", 400),
+            "malformed JSON": (b'{"images": [1, 2', "application/json", 400),
+            "ragged JSON": (b'{"images": [[1], [1, 2]]}', "application/json", 400),
+            "unknown instance": (unknown_instance, "application/json", 404),
+            "media type": (b"images", "text/plain", 415),
+            "too large": (b"0" * (2 << 20), "application/json", 413),
+        }
+        messages = {
+            "wrong shape": r"shape \(16, 16, 3\) or \(n, 16, 16, 3\), got \(2, 8, 8, 3\)",
+            "wrong dtype": "real dtype .* got complex64",
+            "too many": "1 to 4 images, got 5",
+            "out of range": r"within \[0, 255\]",
+            "malformed JSON": "malformed JSON",
+            "ragged JSON": "rectangular nested array",
+            "unknown instance": r"'2:0.5' was not exported; this export has \['1:0.5', 'full'\]",
+            "media type": "'text/plain' is not accepted",
+            "too large": "body size",
+        }
+        for kind, (body, content_type, expected) in refused.items():
+            status, reply = request(f"{url}/v1/classify", body, content_type)
+            assert status == expected, kind
+            assert re.search(messages[kind], json.loads(reply)["error"]), kind
+
+        status, body = request(f"{url}/metrics")
+        text = body.decode()
+        assert status == 200
+        assert metric(text, 'sdpoint_requests_total{status="200"}') == 2
+        assert metric(text, 'sdpoint_requests_total{status="400"}') == 6
+        assert metric(text, 'sdpoint_errors_total{kind="unknown_instance"}') == 1
+        assert metric(text, 'sdpoint_errors_total{kind="too_large"}') == 1
+        assert metric(text, 'sdpoint_images_total{instance="full"}') == MAX_BATCH
+        assert metric(text, "sdpoint_batch_size_count") == 2
+        assert metric(text, "sdpoint_request_latency_seconds_count") == 2
+        assert metric(text, 'sdpoint_instance_chosen{instance="1:0.5"}') == 1
+        assert metric(text, "sdpoint_queue_depth") == 0
+
+        # a bounded load test on the loopback address, adaptive and pinned to full
+        rows = loadtest.main(
+            ["--url", url, "--rates", "40", "--duration-s", "0.2", "--out", str(tmp_path)]
+        )
+        assert [(r["mode"], r["sent"], r["answered"]) for r in rows] == [
+            ("adaptive", 8, 8),
+            ("full", 8, 8),
+        ]
+        assert rows[1]["mix"] == "full=1.000" and rows[1]["expected_top1_error"] == 10.0
+        with open(tmp_path / "loadtest.csv", newline="") as file:
+            assert [line["mode"] for line in csv.DictReader(file)] == ["adaptive", "full"]
+        assert (tmp_path / "loadtest.png").stat().st_size > 0
+
+        # SIGTERM while a request waits for its batch to fill: it is answered, then exit 0
+        waiting = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request("
+                f"'{url}/v1/classify', sys.stdin.buffer.read(), "
+                "{'Content-Type': 'application/x-npy'})); print(r.status)",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=False,
+        )
+        waiting.stdin.write(npy(np.zeros((1, HW, HW, 3), np.uint8)))
+        waiting.stdin.close()
+        while metric(request(f"{url}/metrics")[1].decode(), "sdpoint_queue_depth") < 1:
+            assert waiting.poll() is None
+        server.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=60) == 0 and waiting.stdout.read().strip() == b"200"
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_loadtest_accepts_loopback_only():
+    assert loadtest.check_loopback("http://localhost:8000/") == "http://localhost:8000"
+    with pytest.raises(ValueError, match=r"loopback address .* got 'http://10\.0\.0\.1:8000'"):
+        loadtest.check_loopback("http://10.0.0.1:8000")
+    with pytest.raises(ValueError, match="positive number of requests/s, got '-5'"):
+        loadtest.parse_rates(["10", "-5"])
