@@ -183,7 +183,8 @@ def _write_evaluation(
         print(format_cascade(cascade_rows))
         written += [files.cascade_csv, files.cascade_json]
         stages = cascade_rows[0]["stages"].count(",") + 1
-        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN, {cascade_cost} cost)"
+        accounting = cascade_rows[0]["accounting"]
+        label = f"confidence cascade ({stages} stages, {run.model.bn_mode} BN, {accounting} cost)"
         curves[label] = [(row["avg_gflops"], row["top1_error"]) for row in cascade_rows]
     title = f"{config.model.name} on {config.data.dataset}" + (
         "" if config.sdpoint.enabled else " (no SDPoint)"
