@@ -50,7 +50,9 @@ def overrides(cache_dir: Path, max_steps: int | None) -> list[str]:
 
 def environment(devices: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # the session's XLA flags (tests/conftest.py) and this job's device count
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
     return env
 
 
