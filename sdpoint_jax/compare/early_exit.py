@@ -47,7 +47,8 @@ import numpy as np
 from jax import lax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
+from sdpoint_jax.models.cost import count_exit_flops
+from sdpoint_jax.models.early_exit import early_exit_wrn
 from sdpoint_jax.training.trainee import cross_entropy
 
 DEFAULT_TEMPERATURE = 1.0
