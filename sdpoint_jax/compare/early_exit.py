@@ -25,9 +25,11 @@ Networks" (ICCV 2019) are switches:
   KL is summed over classes and averaged over the batch (the code's ``KLDivLoss()``
   also averaged over classes, shrinking the term by the number of classes).
 
-Deviation from IMTA's schedule: the paper trains with GE first and then fine-tunes only
-the classifiers with ISC and OFA (two phases); the comparison trains every method with
-one schedule, so all enabled techniques act jointly from the first step.
+Schedules: :class:`EarlyExitMethod` trains every enabled technique jointly from the
+first step; IMTA's own schedule (GE first, then ISC and OFA fine-tuning only the
+classifiers' last layers) is the two-phase ``ee-imta`` / ``msdnet-imta`` of
+:mod:`sdpoint_jax.compare.two_phase`. :class:`ExitMethod` is the same joint training
+for any network with exits (the ``msdnet`` methods).
 
 Budgeted inference (MSDNet, Huang et al. ICLR 2018, Sect. 5; IMTA Sect. 4): a sample
 leaves at the first exit whose top softmax probability reaches that exit's threshold;
