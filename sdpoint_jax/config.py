@@ -12,8 +12,13 @@ Fields are grouped by concern:
   ``calibration_augment``
 * ``low_mode``: ``prob``, ``epoch_probs``, ``ratio``, ``resize``,
   ``full_epochs_after_drop``
+* ``finetune``: the schedule of a two-phase method's phase II (IMTA's fine-tuning of
+  the classifiers' last layers): ``num_epochs``, ``learning_rate``, ``lr_drop_epochs``,
+  ``lr_decay`` (momentum, weight decay and batch size are ``optim``'s)
 * ``compare`` (``python -m sdpoint_jax.compare``): ``methods``, ``ms_min_size``,
-  ``ms_max_size``, ``ofa_temperature``, ``ofa_alpha``, ``dropout_rate``,
+  ``ms_max_size``, ``ofa_temperature``, ``ofa_alpha``, ``msdnet`` (the MSDNet of the
+  ``msdnet*`` methods), ``imta_ge``, ``imta_isc``, ``imta_ofa`` (the techniques of
+  the two-phase methods ``msdnet-imta`` and ``ee-imta``), ``dropout_rate``,
   ``stochastic_depth``, ``stochastic_passes``
 * ``cascade``: ``budget_points``
 * ``run``: ``max_steps``, ``log_every_steps``, ``eval_every_epochs``,
@@ -76,6 +81,14 @@ LEGACY_PATHS: dict[str, str] = {
     "ms_max_size": "compare.ms_max_size",
     "ofa_temperature": "compare.ofa_temperature",
     "ofa_alpha": "compare.ofa_alpha",
+    "msdnet": "compare.msdnet",
+    "imta_ge": "compare.imta_ge",
+    "imta_isc": "compare.imta_isc",
+    "imta_ofa": "compare.imta_ofa",
+    "finetune_num_epochs": "finetune.num_epochs",
+    "finetune_learning_rate": "finetune.learning_rate",
+    "finetune_lr_drop_epochs": "finetune.lr_drop_epochs",
+    "finetune_lr_decay": "finetune.lr_decay",
     "dropout_rate": "compare.dropout_rate",
     "stochastic_depth": "compare.stochastic_depth",
     "stochastic_passes": "compare.stochastic_passes",
@@ -135,6 +148,13 @@ def base_config() -> ml_collections.ConfigDict:
         calibration_batches=8,
         calibration_augment=True,
     )
+    # phase II of two-phase methods (IMTA Sect. 4, CIFAR: 180 epochs, drops at 90 and 135)
+    c.finetune = _group(
+        num_epochs=180,
+        learning_rate=0.1,
+        lr_drop_epochs=(90, 135),
+        lr_decay=0.1,
+    )
     # low mode (sdpoint_jax.core.lowmode, paper 003): off while every probability is 0
     c.low_mode = _group(
         prob=0.0,  # p_low of every epoch
@@ -150,6 +170,10 @@ def base_config() -> ml_collections.ConfigDict:
         ms_max_size=32,
         ofa_temperature=1.0,  # one-for-all distillation (early exits)
         ofa_alpha=0.1,
+        msdnet="msdnet-7",  # the network of the msdnet, msdnet-ge and msdnet-imta methods
+        imta_ge=True,  # two-phase methods: GE in phase I, ISC and OFA in phase II
+        imta_isc=True,
+        imta_ofa=True,
         dropout_rate=0.3,  # WRN dropout between the convs of each block
         stochastic_depth=0.5,  # drop rate of the last block, linear decay
         stochastic_passes=0,  # >0: also stochastic inference averaged over this many passes

@@ -1,6 +1,10 @@
 """``python -m sdpoint_jax.flops --model M [--dataset D] [--json]``: FLOPs and
 parameters of every SDPoint instance (:mod:`sdpoint_jax.models.cost`), multiply and
-add counted separately."""
+add counted separately. For a network with exits (``msdnet-K``) one row per exit:
+``exit``, ``flops`` (the same convention), ``madds`` (multiply-accumulates of
+convolutions and linear layers, IMTA's convention) and ``params``, each counting
+everything a sample leaving at that exit has run (blocks ``1..i`` and classifiers
+``1..i``, as MSDNet's and IMTA's per-exit costs)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ if __name__ == "__main__":  # before any library loads
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from absl import flags
 
@@ -32,13 +37,16 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def print_costs(flag_values: flags.FlagValues) -> None:
     """Prints the table (or JSON rows) of every chosen instance's cost."""
     from sdpoint_jax.core.instance import Instance
-    from sdpoint_jax.models import create
+    from sdpoint_jax.models import create, has_exits
     from sdpoint_jax.models.cost import count_flops, format_table, instance_costs
 
     spec = SPECS[flag_values.dataset]
     size = flag_values["image-size"].value or spec.image_size
     try:
         model = create(flag_values.model, num_classes=spec.num_classes)
+        if has_exits(model):
+            _print_exit_costs(flag_values, model, size)
+            return
         instances = model.space.parse_list(flag_values.instances)
         costs = instance_costs(model, (size, size), instances)
     except ValueError as err:
@@ -52,6 +60,28 @@ def print_costs(flag_values: flags.FlagValues) -> None:
         f"N = {model.num_points} points, {costs[0].params / 1e6:.2f}M parameters"
     )
     print(format_table(costs, full))
+
+
+def _print_exit_costs(flag_values: flags.FlagValues, model: Any, size: int) -> None:
+    """Per-exit rows of a network with exits (module docstring)."""
+    from sdpoint_jax.models.cost import exit_costs
+
+    if flag_values.instances != "all":
+        raise ValueError(f"{flag_values.model} has exits, not SDPoint instances: drop --instances")
+    costs = exit_costs(model, (size, size))
+    if flag_values.json:
+        print(json.dumps([cost.as_row() for cost in costs], indent=1))
+        return
+    print(
+        f"{flag_values.model} on {flag_values.dataset} ({size}x{size}): "
+        f"{model.num_exits} exits, {costs[-1].params / 1e6:.2f}M parameters"
+    )
+    print(f"{'exit':>4} {'GFLOPs':>9} {'MMADDs':>9} {'params (M)':>10}")
+    for cost in costs:
+        print(
+            f"{cost.exit:>4} {cost.flops / 1e9:>9.4f} {cost.madds / 1e6:>9.2f} "
+            f"{cost.params / 1e6:>10.3f}"
+        )
 
 
 PROGRAM = cli.Program(

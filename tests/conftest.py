@@ -45,7 +45,7 @@ import pytest
 from sdpoint_jax.config import cifar_config, get_field, set_field
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
-from sdpoint_jax.models.cost import abstract_variables
+from sdpoint_jax.models.cost import abstract_exit_variables, abstract_variables
 from sdpoint_jax.training.programs import DEFAULT_CACHE_DIR, enable_compilation_cache
 
 # Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and
@@ -188,8 +188,9 @@ BATCH = 8
 NUM_BATCHES = 3
 
 
-def random_variables(model: SDPointModel, seed: int) -> dict:
-    """Variables of ``model`` at ``HW`` drawn from ``seed`` without running ``init``:
+def random_variables(model: SDPointModel | nn.Module, seed: int) -> dict:
+    """Variables of ``model`` (an SDPoint model or a network with exits) at ``HW``
+    drawn from ``seed`` without running ``init``:
     He-scaled kernels, BN scale ~ 1, biases ~ 0, and batch-norm statistics that differ
     from key to key (means N(0, 1), variances U(0.5, 2))."""
     rng = np.random.default_rng(seed)
@@ -206,7 +207,12 @@ def random_variables(model: SDPointModel, seed: int) -> dict:
             value = (name == "scale") + 0.1 * rng.normal(size=shape)
         return jnp.asarray(value, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, HW))
+    shapes = (
+        abstract_exit_variables(model, HW)
+        if hasattr(model, "num_exits")
+        else abstract_variables(model, HW)
+    )
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def make_batches(seed: int, count: int = NUM_BATCHES, size: int = BATCH) -> list[dict]:

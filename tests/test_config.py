@@ -66,6 +66,14 @@ OLD_BASE = {
     "ms_min_size": 16,
     "num_epochs": 400,
     "ofa_alpha": 0.1,
+    "msdnet": "msdnet-7",
+    "imta_ge": True,
+    "imta_isc": True,
+    "imta_ofa": True,
+    "finetune_num_epochs": 180,
+    "finetune_learning_rate": 0.1,
+    "finetune_lr_drop_epochs": (90, 135),
+    "finetune_lr_decay": 0.1,
     "ofa_temperature": 1.0,
     "precompile": False,
     "ratios": (0.5, 0.75),
@@ -91,6 +99,25 @@ _IMAGENET = {
 }
 OLD_CHANGES = {
     "cifar10_quick.py": {**_QUICK, "log_every_steps": 10, "precompile": True},
+    "compare_msdnet_cifar10_quick.py": {
+        **_QUICK,
+        "lr_decay": 0.1,
+        "finetune_num_epochs": 1,
+        "finetune_lr_drop_epochs": (0.5, 0.75),
+        "msdnet": "msdnet-5-ch8-gr4",
+        "holdout_split": "train[45000:]",
+        "log_every_steps": 10,
+        "methods": (
+            "sdpoint",
+            "msdnet",
+            "msdnet-ge",
+            "msdnet-imta",
+            "ee",
+            "ee-ge-isc-ofa",
+            "ee-imta",
+        ),
+        "train_split": "train[:45000]",
+    },
     "compare_cifar10_quick.py": {
         **_QUICK,
         "holdout_split": "train[45000:]",
@@ -127,7 +154,10 @@ OLD_CHANGES = {
     "wrn40_4_cifar100.py": {"dataset": "cifar100", "model": "wrn-40-4"},
 }
 # config files with a ``baseline`` variant (``FILE:baseline``)
-WITH_VARIANT = sorted(set(OLD_CHANGES) - {"compare_cifar10_quick.py", "lowmode_cifar10_quick.py"})
+WITH_VARIANT = sorted(
+    set(OLD_CHANGES)
+    - {"compare_cifar10_quick.py", "compare_msdnet_cifar10_quick.py", "lowmode_cifar10_quick.py"}
+)
 
 
 def nested_expectation(flat: dict) -> dict:
@@ -165,6 +195,7 @@ def test_layout_groups():
         "compare",
         "compile",
         "data",
+        "finetune",
         "low_mode",
         "model",
         "optim",

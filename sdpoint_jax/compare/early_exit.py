@@ -25,9 +25,11 @@ Networks" (ICCV 2019) are switches:
   KL is summed over classes and averaged over the batch (the code's ``KLDivLoss()``
   also averaged over classes, shrinking the term by the number of classes).
 
-Deviation from IMTA's schedule: the paper trains with GE first and then fine-tunes only
-the classifiers with ISC and OFA (two phases); the comparison trains every method with
-one schedule, so all enabled techniques act jointly from the first step.
+Schedules: :class:`EarlyExitMethod` trains every enabled technique jointly from the
+first step; IMTA's own schedule (GE first, then ISC and OFA fine-tuning only the
+classifiers' last layers) is the two-phase ``ee-imta`` / ``msdnet-imta`` of
+:mod:`sdpoint_jax.compare.two_phase`. :class:`ExitMethod` is the same joint training
+for any network with exits (the ``msdnet`` methods).
 
 Budgeted inference (MSDNet, Huang et al. ICLR 2018, Sect. 5; IMTA Sect. 4): a sample
 leaves at the first exit whose top softmax probability reaches that exit's threshold;
@@ -47,7 +49,8 @@ import numpy as np
 from jax import lax
 
 from sdpoint_jax.compare.method import Method, Variables
-from sdpoint_jax.models.early_exit import count_exit_flops, early_exit_wrn
+from sdpoint_jax.models.cost import count_exit_flops, exit_costs
+from sdpoint_jax.models.early_exit import early_exit_wrn
 from sdpoint_jax.training.trainee import cross_entropy
 
 DEFAULT_TEMPERATURE = 1.0
@@ -91,39 +94,46 @@ def joint_loss(
     return loss
 
 
-class EarlyExitMethod(Method):
-    """Early-exit WRN-``depth``-``width``; settings are exit indices ``1..k``.
+class ExitMethod(Method):
+    """A network with exits (:class:`~sdpoint_jax.models.early_exit.EarlyExitWRN`,
+    :class:`~sdpoint_jax.models.msdnet.MSDNet`) trained jointly on every exit's loss
+    (:func:`joint_loss`); settings are exit indices ``1..k``.
 
     Args:
-      depth, width, num_classes: the WRN (``depth = 6n + 4``).
-      ge, isc, ofa: the IMTA techniques (module docstring).
+      model: the network (its ``ge`` and ``isc`` switches are the model's).
+      ofa: one-for-all distillation in the loss.
       temperature, alpha: OFA's ``T > 0`` and distillation weight in ``[0, 1]``.
-      name: default ``"ee"`` followed by the enabled techniques, e.g. ``"ee-ge-isc-ofa"``.
+      name: the method's name.
+      architecture: config fields (dotted paths) that fix ``model``'s architecture; a
+        phase II refuses a phase-I checkpoint written with other values.
     """
 
     def __init__(
         self,
-        depth: int,
-        width: int,
-        num_classes: int,
+        model: Any,
         *,
-        ge: bool = False,
-        isc: bool = False,
         ofa: bool = False,
         temperature: float = DEFAULT_TEMPERATURE,
         alpha: float = DEFAULT_ALPHA,
-        name: str | None = None,
+        name: str,
+        architecture: tuple[str, ...] = (),
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.model = early_exit_wrn(depth, width, num_classes, ge=ge, isc=isc)
+        self.model = model
         self.ofa = ofa
         self.temperature = temperature
         self.alpha = alpha
-        techniques = [t for t, on in (("ge", ge), ("isc", isc), ("ofa", ofa)) if on]
-        self.name = name or "-".join(["ee", *techniques])
+        self.name = name
+        self.architecture = ("data.dataset", *architecture)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model!r}, ofa={self.ofa}, "
+            f"temperature={self.temperature}, alpha={self.alpha}, name={self.name!r})"
+        )
 
     @property
     def num_exits(self) -> int:
@@ -187,10 +197,42 @@ class EarlyExitMethod(Method):
         where exits ``1..i-1`` were evaluated before exit ``i``: the ``exit_gflops`` of
         :func:`sdpoint_jax.evaluation.budget.fit_thresholds` and
         :func:`sdpoint_jax.evaluation.budget.budgeted_eval`."""
-        hw = (image_size, image_size)
-        return np.array(
-            [count_exit_flops(self.model, i, hw, cascade=True) / 1e9 for i in self.eval_settings()]
-        )
+        costs = exit_costs(self.model, (image_size, image_size))
+        return np.array([cost.flops / 1e9 for cost in costs])
 
     def describe(self, setting: int) -> str:
         return f"exit {setting}"
+
+
+class EarlyExitMethod(ExitMethod):
+    """Early-exit WRN-``depth``-``width``; settings are exit indices ``1..k``.
+
+    Args:
+      depth, width, num_classes: the WRN (``depth = 6n + 4``).
+      ge, isc, ofa: the IMTA techniques (module docstring).
+      temperature, alpha: OFA's ``T > 0`` and distillation weight in ``[0, 1]``.
+      name: default ``"ee"`` followed by the enabled techniques, e.g. ``"ee-ge-isc-ofa"``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        num_classes: int,
+        *,
+        ge: bool = False,
+        isc: bool = False,
+        ofa: bool = False,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        name: str | None = None,
+    ) -> None:
+        techniques = [t for t, on in (("ge", ge), ("isc", isc), ("ofa", ofa)) if on]
+        super().__init__(
+            early_exit_wrn(depth, width, num_classes, ge=ge, isc=isc),
+            ofa=ofa,
+            temperature=temperature,
+            alpha=alpha,
+            name=name or "-".join(["ee", *techniques]),
+            architecture=("model.name",),
+        )

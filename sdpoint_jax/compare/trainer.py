@@ -27,11 +27,15 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from sdpoint_jax.compare.method import Method, Setting, Variables
+from sdpoint_jax.compare.two_phase import FineTuneMethod, check_architecture, phase_two_config
+from sdpoint_jax.config import config_from_saved
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.checkpoint import CheckpointManager
 from sdpoint_jax.training.loop import fit
 from sdpoint_jax.training.run import Run
+from sdpoint_jax.training.run_dir import RunDir
 
 Row = dict[str, Any]
 
@@ -51,9 +55,23 @@ def train_method(
     ``config.run.max_steps``) and returns its variables, resuming from
     ``directory/checkpoints`` when a checkpoint exists.
 
+    A two-phase method (:class:`~sdpoint_jax.compare.two_phase.FineTuneMethod`) first
+    trains (or resumes, or just reads) its phase I in ``directory.parent /
+    <phase I's name>``, refusing a checkpoint there of another architecture, then
+    trains phase II in ``directory`` on the ``finetune`` schedule.
+
     Raises:
       Preempted: on ``SIGTERM``, after saving the current step.
+      CheckpointError: phase I's checkpoint is of another architecture or config.
     """
+    if isinstance(method, FineTuneMethod):
+        first = RunDir(directory.parent / method.phase_one.name)
+        if first.training_step() is not None:
+            with CheckpointManager(first.checkpoints) as manager:
+                saved = config_from_saved(manager.saved_config())
+            check_architecture(method.phase_one, saved, config)
+        method.start_from(train_method(method.phase_one, config, first.path, mesh))
+        config = phase_two_config(config)
     run = Run.for_trainee(method, config, directory, mesh)
     state, stopped = fit(run, resume=True, evaluate=False, keep_last=1)
     if stopped:

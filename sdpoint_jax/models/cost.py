@@ -1,4 +1,5 @@
-"""FLOPs and parameters of every SDPoint instance, in the paper's convention.
+"""FLOPs and parameters of every SDPoint instance, in the paper's convention, and of
+every exit of a network with exits (:func:`exit_costs`).
 
 Multiplication and addition count as two operations (paper Sect. 6). Per layer, for
 one image, following the authors' ``utils/flops.py``:
@@ -12,6 +13,11 @@ one image, following the authors' ``utils/flops.py``:
   pool counts ``H * W`` per channel). The authors' counter adds a spurious ``+1`` to
   each adaptive bin's height and width and misses functional pooling calls; we count
   what is computed.
+
+MADDs (``convention="madds"``, the convention of MSDNet's and IMTA's ``opcounter.py``
+as they report it, e.g. IMTA's Table 1): the multiply-accumulates of convolutions
+(``k_h * k_w * C_in / groups`` per output element) and linear layers (``in * out +
+out``, the bias counted as IMTA's counter does); nothing else.
 
 Counting is analytic, from shapes: the model is traced abstractly (``jax.eval_shape``,
 no compilation, no allocation) while every leaf layer reports its cost. In low mode
@@ -44,6 +50,7 @@ from sdpoint_jax.core.prefix import PointTap, prefix_depth
 from sdpoint_jax.models import SDPointModel
 
 CONV_TAPS = ("all", "valid")
+CONVENTIONS = ("flops", "madds")
 
 
 def _size(shape: Sequence[int]) -> int:
@@ -103,6 +110,28 @@ _RULES: tuple[tuple[type, Callable[..., int]], ...] = (
     (AdaptivePool, _adaptive_pool_flops),
     (GlobalAvgPool, lambda m, x, y: _size(x.shape)),
 )
+
+
+def _conv_madds(module: nn.Conv, inputs: jax.Array, output: jax.Array) -> int:
+    kernel_size, _ = _conv_geometry(module)
+    return _size(output.shape) * _size(kernel_size) * inputs.shape[-1] // module.feature_group_count
+
+
+_MADD_RULES: tuple[tuple[type, Callable[..., int]], ...] = (
+    (nn.Conv, _conv_madds),
+    (nn.Dense, lambda m, x, y: _size(y.shape) * (x.shape[-1] + int(m.use_bias))),
+)
+
+
+def _layer_cost(
+    module: nn.Module, inputs: jax.Array, output: jax.Array, conv_taps: str, convention: str
+) -> int | None:
+    if convention == "madds":
+        for kind, rule in _MADD_RULES:
+            if isinstance(module, kind):
+                return rule(module, inputs, output)
+        return None
+    return _layer_flops(module, inputs, output, conv_taps)
 
 
 def _layer_flops(
@@ -224,3 +253,130 @@ def format_table(costs: Sequence[Cost], full_flops: int) -> str:
             f"{cost.flops / full_flops:>8.1%}"
         )
     return "\n".join(lines)
+
+
+def _check_convention(conv_taps: str, convention: str) -> None:
+    if conv_taps not in CONV_TAPS:
+        raise ValueError(f"conv_taps must be one of {CONV_TAPS}, got {conv_taps!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+Event = tuple[tuple[str, ...], dict[str, int]]
+"""A module call: its path in the model and its own cost in each convention (0 for
+containers)."""
+
+
+def trace_costs(fn: Callable[..., Any], *args: Any, conv_taps: str = "all") -> list[Event]:
+    """Every Flax module call of ``fn(*args)`` traced abstractly (``jax.eval_shape``),
+    in the order the calls return, with its cost by the per-layer rules of every
+    convention of :data:`CONVENTIONS`.
+
+    ``fn`` is typically ``functools.partial(model.apply, ...)`` and ``args`` abstract
+    variables and an image ``ShapeDtypeStruct``; costs are for the batch of ``args``.
+    """
+    _check_convention(conv_taps, "flops")
+    events: list[Event] = []
+
+    def record(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        output = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            costs = {
+                convention: _layer_cost(context.module, args[0], output, conv_taps, convention) or 0
+                for convention in CONVENTIONS
+            }
+            events.append((tuple(context.module.path), costs))
+        return output
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(fn, *args)
+    return events
+
+
+@functools.cache
+def abstract_exit_variables(model: nn.Module, input_hw: tuple[int, int]) -> Any:
+    """Shapes of the variables of a network with exits (every exit's; no allocation)."""
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(init, jax.random.key(0), _image_spec(input_hw))
+
+
+def _exit_events(
+    model: nn.Module, up_to: int | None, input_hw: tuple[int, int], cascade: bool, conv_taps: str
+) -> list[Event]:
+    variables = abstract_exit_variables(model, tuple(input_hw))  # traced outside the counter
+    apply = functools.partial(model.apply, train=False, up_to=up_to, cascade=cascade)
+    return trace_costs(apply, variables, _image_spec(input_hw), conv_taps=conv_taps)
+
+
+def count_exit_flops(
+    model: nn.Module,
+    exit: int,
+    input_hw: tuple[int, int],
+    *,
+    cascade: bool = False,
+    conv_taps: str = "all",
+    convention: str = "flops",
+) -> int:
+    """Cost of one image of size ``input_hw`` leaving a network with exits
+    (:class:`~sdpoint_jax.models.early_exit.EarlyExitWRN`,
+    :class:`~sdpoint_jax.models.msdnet.MSDNet`) at exit ``exit`` (1-based).
+
+    ``cascade=False``: only what exit ``exit`` needs (every sample exits there: the
+    SDPoint paper's EE evaluation). ``cascade=True``: exits ``1..exit`` evaluated in
+    order (budgeted inference; MSDNet's and IMTA's per-exit costs).
+    """
+    _check_convention(conv_taps, convention)
+    events = _exit_events(model, exit, input_hw, cascade, conv_taps)
+    return sum(costs[convention] for _, costs in events)
+
+
+def _params_of(model: nn.Module, input_hw: tuple[int, int], called: set[tuple[str, ...]]) -> int:
+    """Trainable parameters of the modules at the paths ``called``."""
+    params = abstract_exit_variables(model, tuple(input_hw))["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(
+        _size(leaf.shape)
+        for path, leaf in leaves
+        if tuple(str(key.key) for key in path[:-1]) in called
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCost:
+    """Cost of one image leaving at ``exit`` in budgeted inference: exits ``1..exit``
+    and everything they need evaluated."""
+
+    exit: int
+    flops: int
+    madds: int
+    params: int
+
+    def as_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def exit_costs(model: nn.Module, input_hw: tuple[int, int]) -> list[ExitCost]:
+    """:class:`ExitCost` of every exit ``1..k`` of a network with exits, from one trace
+    of all exits: the calls a network makes to compute exits ``1..k`` in order are
+    those it makes for exit 1, then the further ones for exit 2, ...; the model's
+    ``exit_scopes(i)`` names the top-level modules that end exit ``i``."""
+    events = _exit_events(model, None, input_hw, False, "all")
+    costs = []
+    for i in range(1, model.num_exits + 1):
+        done = events[: _exit_end(events, model.exit_scopes(i)) + 1]
+        costs.append(
+            ExitCost(
+                i,
+                sum(cost["flops"] for _, cost in done),
+                sum(cost["madds"] for _, cost in done),
+                _params_of(model, input_hw, {path for path, _ in done}),
+            )
+        )
+    return costs
+
+
+def _exit_end(events: Sequence[Event], scopes: Sequence[str]) -> int:
+    """Index of the last call inside one of the top-level modules ``scopes``."""
+    return max(
+        index for index, (path, _) in enumerate(events) if path[:1] in {(s,) for s in scopes}
+    )

@@ -38,15 +38,14 @@ Networks" (ICCV 2019, "IMTA"), as switches of the model:
 * One-for-all distillation (Sect. 3.3) is a loss term, in
   :mod:`sdpoint_jax.compare.early_exit`.
 
-FLOPs: :func:`count_exit_flops` counts, with the rule table of :mod:`sdpoint_jax.models.cost`,
-either what exiting at one exit needs (static exit, the SDPoint paper's EE curve) or
-what a budgeted-inference cascade evaluates before a sample leaves at that exit.
+FLOPs: :func:`sdpoint_jax.models.cost.count_exit_flops` counts either what exiting at
+one exit needs (static exit, the SDPoint paper's EE curve) or what a budgeted-inference
+cascade evaluates before a sample leaves at that exit.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -58,7 +57,6 @@ from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.layers import Add, GlobalAvgPool, Relu, classifier
 from sdpoint_jax.core.norm import FIRST_BLOCK
 from sdpoint_jax.core.points import SDPointContext
-from sdpoint_jax.models.cost import CONV_TAPS, _layer_flops
 from sdpoint_jax.models.wrn import PreActBasicBlock, WideResNet
 
 
@@ -191,6 +189,13 @@ class EarlyExitWRN(nn.Module, kw_only=True):
         """``k``: 6 for ``n >= 2`` (two per stage), 3 for WRN-10."""
         return len(self.exit_blocks)
 
+    @nn.nowrap
+    def exit_scopes(self, exit: int) -> tuple[str, ...]:
+        """The top-level modules that end exit ``exit``: its branch (the last exit: the
+        network's head) and ISC."""
+        head = ("final_bn", "classifier") if exit == self.num_exits else (f"branch{exit}",)
+        return (*head, f"isc{exit}")
+
     def context(self, train: bool) -> SDPointContext:
         return SDPointContext(
             instance=Instance.full(),
@@ -256,54 +261,3 @@ def early_exit_wrn(depth: int, width: int, num_classes: int = 10, **kwargs: Any)
     model = EarlyExitWRN(depth=depth, width=width, num_classes=num_classes, **kwargs)
     model.num_exits  # noqa: B018 - validates the depth now
     return model
-
-
-def count_call_flops(fn: Callable[..., Any], *args: Any, conv_taps: str = "all") -> int:
-    """FLOPs of ``fn(*args)`` traced abstractly (``jax.eval_shape``), counted with the
-    per-layer rules of :mod:`sdpoint_jax.models.cost` for every Flax module call it makes.
-
-    ``fn`` is typically ``functools.partial(model.apply, ...)`` and ``args`` abstract
-    variables and an image ``ShapeDtypeStruct``; the count is for the batch of ``args``.
-    """
-    if conv_taps not in CONV_TAPS:
-        raise ValueError(f"conv_taps must be one of {CONV_TAPS}, got {conv_taps!r}")
-    total = 0
-
-    def count(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        nonlocal total
-        output = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            total += _layer_flops(context.module, args[0], output, conv_taps) or 0
-        return output
-
-    with nn.intercept_methods(count):
-        jax.eval_shape(fn, *args)
-    return total
-
-
-def count_exit_flops(
-    model: EarlyExitWRN,
-    exit: int,
-    input_hw: tuple[int, int],
-    *,
-    cascade: bool = False,
-    conv_taps: str = "all",
-) -> int:
-    """FLOPs of one image of size ``input_hw`` leaving at exit ``exit`` (1-based).
-
-    ``cascade=False``: only what exit ``exit`` needs (every sample exits there: the
-    SDPoint paper's EE evaluation). ``cascade=True``: exits ``1..exit`` evaluated in
-    order (budgeted inference). Without ISC the static cost of the last exit equals the
-    plain WRN's; the cascade adds every branch.
-    """
-    image = jax.ShapeDtypeStruct((1, *input_hw, 3), jnp.float32)
-    variables = _abstract_variables(model, tuple(input_hw))  # traced outside the counter
-    apply = functools.partial(model.apply, train=False, up_to=exit, cascade=cascade)
-    return count_call_flops(apply, variables, image, conv_taps=conv_taps)
-
-
-@functools.cache
-def _abstract_variables(model: EarlyExitWRN, input_hw: tuple[int, int]) -> Any:
-    init = functools.partial(model.init, train=False)
-    image = jax.ShapeDtypeStruct((1, *input_hw, 3), jnp.float32)
-    return jax.eval_shape(init, jax.random.key(0), image)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,13 @@ def create_model(config: ml_collections.ConfigDict) -> SDPointModel:
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    trainable: Callable[[Any], Any | None] | None = None,
 ) -> optax.GradientTransformation:
-    return optax.chain(
+    """SGD of ``config.optim`` (module docstring). ``trainable(params)`` (a
+    :meth:`Trainee.trainable`): the parameters it marks False get no update at all."""
+    tx = optax.chain(
         optax.add_decayed_weights(config.optim.weight_decay),
         optax.sgd(
             learning_rate_schedule(config, steps_per_epoch),
@@ -93,6 +98,16 @@ def create_optimizer(
             nesterov=True,
         ),
     )
+    if trainable is None:
+        return tx
+
+    def labels(params: Any) -> Any:
+        mask = trainable(params)
+        if mask is None:
+            return jax.tree.map(lambda _: "train", params)
+        return jax.tree.map(lambda on: "train" if on else "frozen", mask)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def initial_state(
@@ -155,10 +170,13 @@ class Run:
     def for_trainee(
         cls, trainee: Trainee, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh
     ) -> Run:
-        """A run of ``trainee`` with ``config``'s data, schedule and seed."""
+        """A run of ``trainee`` with ``config``'s data, schedule and seed (the optimizer
+        updates the parameters :meth:`Trainee.trainable` marks)."""
         parallel.check_batch_size(config.optim.batch_size, mesh)
         steps = steps_per_epoch(config)
-        return cls(config, Path(workdir), trainee, mesh, create_optimizer(config, steps), steps)
+        freezes = type(trainee).trainable is not Trainee.trainable
+        tx = create_optimizer(config, steps, trainee.trainable if freezes else None)
+        return cls(config, Path(workdir), trainee, mesh, tx, steps)
 
     @property
     def model(self) -> SDPointModel:

@@ -82,6 +82,12 @@ class Trainee(abc.ABC):
         otherwise."""
         return batch_stats
 
+    def trainable(self, params: Any) -> Any | None:
+        """Which parameters the optimizer updates: a tree of bools shaped like
+        ``params`` (the others stay bit-identical: no update, no weight decay), or None
+        for all of them."""
+        return None
+
     def program_keys(self) -> Sequence[Setting]:
         """Every setting a training step can draw, compiled up front with
         ``precompile`` (empty: compiled when first drawn)."""

@@ -19,12 +19,15 @@ from sdpoint_jax.compare.registry import BUILDERS, build_method
 from sdpoint_jax.compare.run import run_comparison
 from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.compare.trainer import Preempted, train_method
+from sdpoint_jax.compare.two_phase import FineTuneMethod, phase_two_config
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.training import parallel
+from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 EVAL_EXAMPLES = 64
+TINY_MSDNET = "msdnet-2-ch4-gr2"  # 2 exits, 3 layers, 3 scales
 pytestmark = needs_cifar10
 
 
@@ -42,6 +45,7 @@ def tiny_config(methods: tuple[str, ...]):
             "data.holdout_split": "train[:64]",
             "cascade.budget_points": 3,
             "compare.stochastic_passes": 3,
+            "compare.msdnet": TINY_MSDNET,
             "compare.methods": methods,
         },
     )
@@ -80,7 +84,8 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
     kinds = {(row["method"], row["kind"]) for row in rows}
     stochastic = {"sdpoint", "dropout", "stochastic-depth"}
     assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
-    assert {m for m, kind in kinds if kind == "budgeted"} == {"ee", "ee-ge-isc-ofa"}
+    exits = {"ee", "ee-ge", "ee-ge-isc-ofa", "ee-imta", "msdnet", "msdnet-ge", "msdnet-imta"}
+    assert {m for m, kind in kinds if kind == "budgeted"} == exits
     for row in rows:
         if row["kind"] == "budgeted":  # average cost between the first and the last exit
             ee = build_method(row["method"], config).exit_gflops(32)
@@ -148,3 +153,93 @@ def test_sigterm_saves_and_a_rerun_resumes_exactly(comparison, tmp_path):
     resumed = train_method(method, config, tmp_path / "resumed", mesh)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# --- IMTA's two phases (phase I: msdnet-ge; phase II: msdnet-imta) ----------------------
+
+
+def _copy_phases(finished, tmp_path, *names):
+    for name in names:
+        shutil.copytree(finished / name, tmp_path / name)
+
+
+def test_phase_two_changes_only_the_classifiers_last_layers(comparison, tmp_path):
+    finished, config, _ = comparison
+    _copy_phases(finished, tmp_path, "msdnet-ge", "msdnet-imta")
+    mesh = parallel.create_mesh()
+    method = build_method("msdnet-imta", config)
+    second = train_method(method, config, tmp_path / "msdnet-imta", mesh)  # restores
+    first = train_method(method.phase_one, config, tmp_path / "msdnet-ge", mesh)
+    mask = method.trainable(first["params"])
+    trained = [on for on in jax.tree.leaves(mask) if on]
+    assert len(trained) == 2 * method.num_exits  # kernel and bias of each exit's linear
+    flat_first = jax.tree_util.tree_flatten_with_path(first)[0]
+    flat_second = jax.tree.leaves(second)
+    changed = []
+    for (path, a), b in zip(flat_first, flat_second, strict=True):
+        if np.array_equal(a, b):
+            continue
+        changed.append(jax.tree_util.keystr(path))
+    assert sorted(changed) == sorted(
+        f"['params']['exit{i}']['linear']['{leaf}']"
+        for i in range(1, method.num_exits + 1)
+        for leaf in ("bias", "kernel")
+    )
+
+
+class SigtermFineTune(FineTuneMethod):
+    """A phase II that sends this process SIGTERM when drawing the setting of ``step``."""
+
+    def __init__(self, step: int, method: FineTuneMethod):
+        vars(self).update(vars(method))
+        self.stop_step = step
+
+    def train_setting(self, seed, step):
+        if step == self.stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_setting(seed, step)
+
+
+def test_phase_two_resumes_exactly(comparison, tmp_path):
+    finished, config, _ = comparison
+    _copy_phases(finished, tmp_path, "msdnet-ge")
+    mesh = parallel.create_mesh()
+    method = build_method("msdnet-imta", config)
+    with pytest.raises(Preempted, match="SIGTERM: saved msdnet-imta at step 3"):
+        train_method(SigtermFineTune(2, method), config, tmp_path / "msdnet-imta", mesh)
+    assert [p.name for p in (tmp_path / "msdnet-imta" / "checkpoints").iterdir()] == ["3"]
+    resumed = train_method(method, config, tmp_path / "msdnet-imta", mesh)
+    _copy_phases(finished, tmp_path / "reference", "msdnet-ge", "msdnet-imta")
+    reference = train_method(method, config, tmp_path / "reference" / "msdnet-imta", mesh)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_phase_two_refuses_a_phase_one_of_another_architecture(comparison, tmp_path):
+    finished, _, _ = comparison
+    _copy_phases(finished, tmp_path, "msdnet-ge")
+    other = tiny_config(("msdnet-imta",))
+    other.compare.msdnet = "msdnet-2-ch4-gr4"
+    with pytest.raises(
+        CheckpointError,
+        match=r"compare\.msdnet: 'msdnet-2-ch4-gr2' \(phase I\) vs 'msdnet-2-ch4-gr4'",
+    ):
+        train_method(
+            build_method("msdnet-imta", other),
+            other,
+            tmp_path / "msdnet-imta",
+            parallel.create_mesh(),
+        )
+    assert not (tmp_path / "msdnet-imta").exists()
+
+
+def test_two_phase_names_follow_the_ablation_switches():
+    config = tiny_config(("msdnet-imta",))
+    config.compare.imta_isc = False
+    method = build_method("msdnet-imta", config)
+    assert (method.name, method.phase_one.name) == ("msdnet-ge-then-ofa", "msdnet-ge")
+    assert method.ofa and not method.model.isc and method.phase_one.model.ge
+    config.compare.imta_ge = False
+    assert build_method("msdnet-imta", config).phase_one.name == "msdnet"
+    assert build_method("ee-imta", tiny_config(("ee-imta",))).phase_one.name == "ee-ge"
+    assert phase_two_config(config).optim.num_epochs == config.finetune.num_epochs

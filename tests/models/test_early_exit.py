@@ -17,13 +17,8 @@ from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.norm import FIRST_BLOCK, statistics_key, trained_statistics
 from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.models import create
-from sdpoint_jax.models.cost import count_flops
-from sdpoint_jax.models.early_exit import (
-    EarlyExitWRN,
-    count_exit_flops,
-    early_exit_wrn,
-    ge_split,
-)
+from sdpoint_jax.models.cost import count_exit_flops, count_flops
+from sdpoint_jax.models.early_exit import EarlyExitWRN, early_exit_wrn, ge_split
 
 HW = (16, 16)
 
