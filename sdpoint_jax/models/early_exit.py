@@ -83,14 +83,14 @@ def ge_split(x: jax.Array, exit: int, num_exits: int) -> tuple[jax.Array, jax.Ar
     Returns:
       ``(to_branch, to_trunk)``, both equal to ``x``.
     """
-    _check_exit(exit, num_exits)
+    check_exit(exit, num_exits)
     return x, x
 
 
 def _ge_split_fwd(
     x: jax.Array, exit: int, num_exits: int
 ) -> tuple[tuple[jax.Array, jax.Array], None]:
-    _check_exit(exit, num_exits)
+    check_exit(exit, num_exits)
     return (x, x), None
 
 
@@ -105,9 +105,23 @@ def _ge_split_bwd(
 ge_split.defvjp(_ge_split_fwd, _ge_split_bwd)
 
 
-def _check_exit(exit: int, num_exits: int) -> None:
+def check_exit(exit: int, num_exits: int) -> None:
+    """Raises ``ValueError`` naming ``exit`` unless it is one of ``1..num_exits``."""
     if not 1 <= exit <= num_exits:
         raise ValueError(f"exit {exit} outside 1..{num_exits}")
+
+
+def full_network_context(module: nn.Module, train: bool) -> SDPointContext:
+    """The context of a network with exits: always the full network (no SDPoint
+    instance), with ``module``'s batch-norm axis name, momentum and compute dtype."""
+    return SDPointContext(
+        instance=Instance.full(),
+        space=InstanceSpace(0),
+        train=train,
+        bn_axis_name=module.bn_axis_name,
+        bn_momentum=module.bn_momentum,
+        dtype=module.dtype,
+    )
 
 
 def _classify(ctx: SDPointContext, x: jax.Array, num_classes: int, norm_name: str) -> jax.Array:
@@ -197,14 +211,7 @@ class EarlyExitWRN(nn.Module, kw_only=True):
         return (*head, f"isc{exit}")
 
     def context(self, train: bool) -> SDPointContext:
-        return SDPointContext(
-            instance=Instance.full(),
-            space=InstanceSpace(0),
-            train=train,
-            bn_axis_name=self.bn_axis_name,
-            bn_momentum=self.bn_momentum,
-            dtype=self.dtype,
-        )
+        return full_network_context(self, train)
 
     @nn.compact
     def __call__(
@@ -217,7 +224,7 @@ class EarlyExitWRN(nn.Module, kw_only=True):
     ) -> jax.Array | list[jax.Array]:
         k = self.num_exits
         last = k if up_to is None else up_to
-        _check_exit(last, k)
+        check_exit(last, k)
         every = up_to is None or cascade or self.isc
 
         ctx = self.context(train)

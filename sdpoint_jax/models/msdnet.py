@@ -57,11 +57,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdpoint_jax.core.instance import Instance, InstanceSpace
 from sdpoint_jax.core.layers import Add, Pool, Relu, classifier
 from sdpoint_jax.core.norm import FIRST_BLOCK
 from sdpoint_jax.core.points import SDPointContext
-from sdpoint_jax.models.early_exit import ge_split
+from sdpoint_jax.models.early_exit import check_exit, full_network_context, ge_split
 
 STEP_MODES = ("even", "lin_grow")
 CIFAR_CLASSIFIER_CHANNELS = 128
@@ -262,14 +261,7 @@ class MSDNet(nn.Module, kw_only=True):
         return (f"exit{exit}", f"isc{exit}")
 
     def context(self, train: bool) -> SDPointContext:
-        return SDPointContext(
-            instance=Instance.full(),
-            space=InstanceSpace(0),
-            train=train,
-            bn_axis_name=self.bn_axis_name,
-            bn_momentum=self.bn_momentum,
-            dtype=self.dtype,
-        )
+        return full_network_context(self, train)
 
     @nn.compact
     def __call__(
@@ -282,8 +274,7 @@ class MSDNet(nn.Module, kw_only=True):
     ) -> jax.Array | list[jax.Array]:
         k = self.num_exits
         last = k if up_to is None else up_to
-        if not 1 <= last <= k:
-            raise ValueError(f"exit {last} outside 1..{k}")
+        check_exit(last, k)
         every = up_to is None or cascade or self.isc
         ctx = self.context(train)
         xs = self._first_layer(ctx, images.astype(self.dtype))
