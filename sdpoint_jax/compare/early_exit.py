@@ -150,6 +150,12 @@ class ExitMethod(Method):
         """One program: every step trains all exits jointly."""
         return [None]
 
+    def exit_loss(self, logits: list[jax.Array], labels: jax.Array) -> jax.Array:
+        """:func:`joint_loss` of the exits' ``logits`` with this method's OFA settings."""
+        return joint_loss(
+            logits, labels, ofa=self.ofa, temperature=self.temperature, alpha=self.alpha
+        )
+
     def loss(
         self,
         params: Any,
@@ -165,14 +171,7 @@ class ExitMethod(Method):
             train=True,
             mutable=["batch_stats"],
         )
-        loss = joint_loss(
-            logits,
-            batch["label"],
-            ofa=self.ofa,
-            temperature=self.temperature,
-            alpha=self.alpha,
-        )
-        return loss, (dict(updates), logits[-1])
+        return self.exit_loss(logits, batch["label"]), (dict(updates), logits[-1])
 
     def eval_settings(self) -> list[int]:
         return list(range(1, self.num_exits + 1))

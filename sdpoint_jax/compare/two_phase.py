@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from sdpoint_jax.compare.early_exit import ExitMethod, joint_loss
+from sdpoint_jax.compare.early_exit import ExitMethod
 from sdpoint_jax.config import get_field
 from sdpoint_jax.training.checkpoint import CheckpointError
 
@@ -124,7 +124,7 @@ class FineTuneMethod(ExitMethod):
         setting: None,
         key: jax.Array,
     ) -> tuple[jax.Array, tuple[dict[str, Any], jax.Array]]:
-        """:func:`joint_loss` of every exit with the frozen layers' gradients stopped
+        """:meth:`exit_loss` of every exit with the frozen layers' gradients stopped
         and batch norm on its running statistics, returned as they are: copied, since
         the gradient program takes over (donates) the statistics it reads, and an
         input handed straight back would be forwarded as the donated array itself."""
@@ -135,13 +135,7 @@ class FineTuneMethod(ExitMethod):
             batch["image"],
             train=False,
         )
-        loss = joint_loss(
-            logits,
-            batch["label"],
-            ofa=self.ofa,
-            temperature=self.temperature,
-            alpha=self.alpha,
-        )
+        loss = self.exit_loss(logits, batch["label"])
         unchanged = jax.tree.map(jnp.copy, variables["batch_stats"])
         return loss, ({"batch_stats": unchanged}, logits[-1])
 
