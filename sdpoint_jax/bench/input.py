@@ -18,6 +18,7 @@ cores this process may run on), ``cpu_model``, ``seconds``, ``images_per_s``,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import platform
@@ -74,13 +75,14 @@ def measure(
     batches = pipeline.train_batches(
         dataset, global_batch_size=batch_size, seed=0, data_dir=data_dir, train_split=split
     )
-    placed = parallel.shard_batches(batches, mesh)
-    for batch in itertools.islice(placed, warmup):
-        jax.block_until_ready(batch)
-    start = time.perf_counter()
-    for batch in itertools.islice(placed, steps):
-        jax.block_until_ready(batch)
-    seconds = time.perf_counter() - start
+    with contextlib.closing(batches):  # an abandoned tf.data iterator is slow to collect
+        placed = parallel.shard_batches(batches, mesh)
+        for batch in itertools.islice(placed, warmup):
+            jax.block_until_ready(batch)
+        start = time.perf_counter()
+        for batch in itertools.islice(placed, steps):
+            jax.block_until_ready(batch)
+        seconds = time.perf_counter() - start
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     images_per_s = steps * batch_size / seconds
     return {
