@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from sdpoint_jax.compare.method import Method
 from sdpoint_jax.compare.registry import build_method
 from sdpoint_jax.compare.report import COMPARE_CSV, COMPARE_PNG, plot_compare
+from sdpoint_jax.compare.study import write_study
 from sdpoint_jax.compare.trainer import Row, evaluate_method, train_method
 from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.training import parallel
@@ -85,7 +86,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> li
     Rows of each run are also kept in ``<its directory>/rows.json`` (with a ``seed``
     field when ``config.compare.seeds`` is set), so a rerun after an interruption neither
     retrains nor re-evaluates finished runs; an interrupted one resumes from its
-    checkpoint.
+    checkpoint. With ``config.compare.seeds`` and ``config.compare.monitor`` the study
+    report is written too (:mod:`sdpoint_jax.compare.study`: ``study.json``,
+    ``study.csv``, ``study_curves.png``).
     """
     workdir = Path(workdir)
     runs = plan_runs(config, workdir)
@@ -107,6 +110,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> li
         rows += method_rows
     write_csv(rows, workdir / COMPARE_CSV)
     plot_compare(rows, workdir / COMPARE_PNG, title=f"{config.model.name} on {config.data.dataset}")
+    if config.compare.seeds is not None and config.compare.monitor:
+        directories = {(run.method.name, run.seed): run.directory for run in runs}
+        write_study(config, workdir, rows, directories)
     for row in rows:
         seed = "" if "seed" not in row else f" seed {row['seed']}"
         tqdm.write(

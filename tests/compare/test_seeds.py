@@ -146,3 +146,19 @@ def test_bad_seed_options_are_refused_before_training(tmp_path):
         config.low_mode.prob = 0.0
         plan_runs(config, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_study_report_summarizes_the_runs(study):
+    workdir, _, rows = study
+    report = json.loads((workdir / "study.json").read_text())
+    (low,) = [
+        r
+        for r in report["table"]
+        if (r["section"], r["method"], r["quantity"]) == ("top1_error", "low", "full")
+    ]
+    by_seed = {r["seed"]: r["top1_error"] for r in rows if r["method"] == "low"}
+    assert (low["seeds"], low["values"]) == ([1, 3], [by_seed[1], by_seed[3]])
+    curve = report["curves"]["sdpoint+low"]
+    assert (curve["train_epochs"], curve["test_epochs"]) == ([1.0], [0.4, 0.8, 1.0])
+    assert (workdir / "study.csv").is_file()
+    assert (workdir / "study_curves.png").stat().st_size > 0
