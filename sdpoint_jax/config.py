@@ -21,7 +21,8 @@ Fields are grouped by concern:
   ``ms_max_size``, ``ofa_temperature``, ``ofa_alpha``, ``msdnet`` (the MSDNet of the
   ``msdnet*`` methods), ``imta_ge``, ``imta_isc``, ``imta_ofa`` (the techniques of
   the two-phase methods ``msdnet-imta`` and ``ee-imta``), ``dropout_rate``,
-  ``stochastic_depth``, ``stochastic_passes``, ``monitor`` (log each method's test
+  ``stochastic_depth``, ``stochastic_passes``, ``ubn`` (also evaluate SDPoint methods with
+  uniform BN statistics), ``monitor`` (log each method's test
   error while it trains), ``seeds`` (None: one run seeded by ``seed``; a tuple: one run
   per seed), ``single_seed_methods`` (methods run at ``seeds[0]`` only)
 * ``cascade``: ``budget_points``
@@ -184,6 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
         dropout_rate=0.3,  # WRN dropout between the convs of each block
         stochastic_depth=0.5,  # drop rate of the last block, linear decay
         stochastic_passes=0,  # >0: also stochastic inference averaged over this many passes
+        ubn=True,  # SDPoint methods also evaluated with uniform BN statistics (UBN curve)
         monitor=False,  # True: each method's test error every run.eval_every_epochs
         seeds=config_dict.placeholder(tuple),  # None: one run seeded by `seed`
         single_seed_methods=(),  # with seeds: methods run at seeds[0] only

@@ -28,15 +28,18 @@ curve); the training error is the loop's per-step training-batch accuracy
 depth) averages 20 passes, not Table 2's 50: 50 passes of dropout and stochastic depth
 alone would take about 30 minutes here.
 
-Projected time (AMD EPYC, 2 cores, measured: a WRN-16-1 train step of 128 images 1.57 s,
-SDPoint steps about 87% of that, low-mode steps 35-90 ms; inference of 500 test images
-0.87 s, so about 17-20 s per pass over the 10,000): training 300 steps is about 470 s
-for a full-cost run, and the ten runs cost about 8.8 such runs (3 baseline, 3 x 0.87
-SDPoint, dropout, stochastic depth, and about 0.6 each for the low-mode runs), 4,150 s;
-the learning-curve evaluations 10 runs x 6 x 20 s = 1,200 s; the final evaluations
-(SDPoint's 13 instances with both BN modes and 20 stochastic passes, about 400 s per
-SDPoint run, x4; 20 passes of dropout and of stochastic depth, 2 x 370 s; the others
-20 s each) about 2,400 s; compilation about 400 s. In all about 8,100 s, 2.25 hours.
+Projected time, from figures measured on this machine (AMD EPYC, 2 cores shared with
+other jobs): a WRN-16-1 train step of 128 images 1.57 s idle and 1.7-2.1 s under load
+(1.85 s assumed), SDPoint steps about 87 % of that, low-mode steps 35-90 ms; a pass of
+the full network over the 10,000 test images 17 s (0.87 s per 500); SDPoint's final
+evaluation (its 13 instances, then 20 stochastic passes) 380 s with the UBN curve,
+about 240 s without it (``compare.ubn = False`` here). Training 300 steps: 555 s per
+plain run (x3 baseline, dropout, stochastic depth), 480 s per SDPoint run (x3), about
+310 s and 270 s for ``low`` and ``sdpoint+low``: 4,800 s. Learning-curve evaluations:
+10 runs x 6 x 17 s = 1,020 s. Final evaluations: 4 x 240 s (SDPoint runs), 2 x 360 s
+(dropout and stochastic depth: deterministic, then 20 stochastic passes of 17 s), 4 x
+20 s (the others): 1,760 s. Start-up and compilation about 300 s. In all about
+7,900 s, 2.2 hours.
 """
 
 import ml_collections
@@ -63,6 +66,7 @@ def get_config():
     config.compare.seeds = (0, 1, 2)
     config.compare.single_seed_methods = ("dropout", "stochastic-depth", "low", "sdpoint+low")
     config.compare.stochastic_passes = 20
+    config.compare.ubn = False  # the UBN curve is not part of the study
     config.compare.monitor = True
     config.run.eval_every_epochs = 2.5
     config.run.log_every_steps = 1

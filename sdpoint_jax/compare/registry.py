@@ -1,6 +1,7 @@
 """The comparison's methods by name, built from a run config.
 
-Names: ``baseline`` (the plain network), ``sdpoint`` (gives the UBN curve too), ``low``
+Names: ``baseline`` (the plain network), ``sdpoint`` (gives the UBN curve too, unless
+``config.compare.ubn`` is False), ``low``
 and ``sdpoint+low`` (the same with low mode, paper 003, after ``config.low_mode``; named
 as the settings of :mod:`sdpoint_jax.compare.time_to_target`), ``ms``
 (multiscale training, sizes ``config.compare.ms_min_size..ms_max_size``), ``ee`` (early
@@ -56,6 +57,7 @@ def _sdpoint(setting: str) -> Builder:
             config.model.name,
             num_classes,
             sdpoint=switched.sdpoint.enabled,
+            bn_modes=("instance", "uniform") if config.compare.ubn else ("instance",),
             ratios=tuple(config.sdpoint.ratios),
             low_mode=low_mode,
         )

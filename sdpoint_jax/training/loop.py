@@ -186,14 +186,14 @@ def fit(
                 )
             bar.update()
             measures = (step + 1) % eval_every == 0 or step + 1 == run.total_steps
-            if measures and (evaluate or monitor is not None):
+            measured_now = measures and (evaluate or monitor is not None)
+            if measured_now:
                 with clock.paused(state):
                     measured = (
                         {"eval_top1_accuracy": _full_accuracy(run, state)} if evaluate else {}
                     )
                     measured.update(monitor(state) if monitor is not None else {})
                     logger.write(step + 1, {**measured, "train_seconds": clock.seconds()}, None)
-                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
             # at most one save per step: a step is never written twice
             if evaluate and measures:
                 with clock.paused(state):
@@ -205,6 +205,8 @@ def fit(
             ):
                 with clock.paused(state):
                     save(step + 1, state, draws, None)
+            if measured_now:
+                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
             if preempted():
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
                 stopped = True

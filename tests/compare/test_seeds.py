@@ -130,6 +130,18 @@ def test_low_mode_methods_draw_as_the_training_command(study, tmp_path):
     low = [r for r in rows if r["method"] == "low"]  # full instance only, no stochastic
     assert [r["setting"] for r in low] == ["full", "full"]
     assert {r["kind"] for r in rows if r["method"] == "sdpoint+low"} == {"setting", "stochastic"}
+    assert {r["curve"] for r in rows if r["method"] == "sdpoint+low"} == {
+        "sdpoint+low",
+        "sdpoint+low-stochastic",
+        "sdpoint+low-ubn",
+    }
+
+
+def test_the_ubn_curve_can_be_left_out():
+    config = study_config(methods=("sdpoint",), ubn=False)
+    method = build_method("sdpoint", config)
+    assert {mode for _, mode in method.eval_settings()} == {"instance"}
+    assert len(method.eval_settings()) == len(list(method.model.space))
 
 
 def test_bad_seed_options_are_refused_before_training(tmp_path):
