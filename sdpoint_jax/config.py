@@ -5,7 +5,9 @@ Fields are grouped by concern:
 * ``seed``
 * ``model``: ``name``, ``dtype``
 * ``data``: ``dataset``, ``data_dir``, ``train_split``, ``eval_split``,
-  ``holdout_split``, ``eval_batch_size``
+  ``holdout_split``, ``eval_batch_size``, ``train_examples_per_class`` (None: the whole
+  training split; K: its first K examples of each class, a fixed class-balanced
+  subset), ``augment`` (False: training images get the evaluation preprocessing)
 * ``optim``: ``batch_size``, ``num_epochs``, ``learning_rate``, ``lr_drop_epochs``,
   ``lr_decay``, ``momentum``, ``weight_decay``
 * ``sdpoint``: ``enabled``, ``ratios``, ``bn_mode``, ``calibration_batches``,
@@ -19,7 +21,10 @@ Fields are grouped by concern:
   ``ms_max_size``, ``ofa_temperature``, ``ofa_alpha``, ``msdnet`` (the MSDNet of the
   ``msdnet*`` methods), ``imta_ge``, ``imta_isc``, ``imta_ofa`` (the techniques of
   the two-phase methods ``msdnet-imta`` and ``ee-imta``), ``dropout_rate``,
-  ``stochastic_depth``, ``stochastic_passes``
+  ``stochastic_depth``, ``stochastic_passes``, ``ubn`` (also evaluate SDPoint methods with
+  uniform BN statistics), ``monitor`` (log each method's test
+  error while it trains), ``seeds`` (None: one run seeded by ``seed``; a tuple: one run
+  per seed), ``single_seed_methods`` (methods run at ``seeds[0]`` only)
 * ``cascade``: ``budget_points``
 * ``run``: ``max_steps``, ``log_every_steps``, ``eval_every_epochs``,
   ``checkpoint_every_steps``, ``keep_checkpoints``
@@ -129,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
         # the confidence thresholds of early exits and of `evaluate --cascade` are fit there
         holdout_split=config_dict.placeholder(str),
         eval_batch_size=500,
+        # K: train on the first K examples of each class of the training split
+        train_examples_per_class=config_dict.placeholder(int),
+        augment=True,  # random crop and flip of training images (False: none)
     )
     c.optim = _group(
         batch_size=128,
@@ -177,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
         dropout_rate=0.3,  # WRN dropout between the convs of each block
         stochastic_depth=0.5,  # drop rate of the last block, linear decay
         stochastic_passes=0,  # >0: also stochastic inference averaged over this many passes
+        ubn=True,  # SDPoint methods also evaluated with uniform BN statistics (UBN curve)
+        monitor=False,  # True: each method's test error every run.eval_every_epochs
+        seeds=config_dict.placeholder(tuple),  # None: one run seeded by `seed`
+        single_seed_methods=(),  # with seeds: methods run at seeds[0] only
     )
     c.cascade = _group(budget_points=8)  # budgeted inference (exits, cascade): cost targets
     c.run = _group(

@@ -3,7 +3,13 @@
 Trains every method named in ``config.compare.methods`` with identical data, schedule and seed
 (each in ``WORKDIR/<method>/``, resumable), evaluates every cost setting of each, and
 writes ``WORKDIR/compare.csv`` and ``WORKDIR/compare.png`` (error against GFLOPs, a
-line per method). Config fields can be overridden: ``--config.optim.num_epochs=1``.
+line per method). With ``config.compare.seeds`` each method runs at each seed in
+``WORKDIR/seed_<k>/<method>/`` (``config.compare.single_seed_methods`` at the first
+only); with ``config.compare.monitor`` too, the study report (mean and standard
+deviation over seeds, paired differences, time to accuracy, learning curves) goes to
+``WORKDIR/study.csv``, ``study.json`` and ``study_curves.png``. A rerun skips finished
+runs and resumes interrupted ones. Config fields can be overridden:
+``--config.optim.num_epochs=1``.
 """
 
 from __future__ import annotations

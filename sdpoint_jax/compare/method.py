@@ -45,6 +45,12 @@ class Method(Trainee):
     def gflops(self, setting: Setting, image_size: int) -> float:
         """GFLOPs of one image at ``setting`` (the project's FLOPs counter)."""
 
+    def full_setting(self, image_size: int) -> Setting:
+        """The most expensive eval setting (the first of equals): the full network,
+        whose test error the learning-curve monitor logs."""
+        settings = list(self.eval_settings())
+        return max(settings, key=lambda setting: self.gflops(setting, image_size))
+
     def describe(self, setting: Setting) -> str:
         """Human-readable setting for tables and ``compare.csv``."""
         return str(setting)

@@ -1,6 +1,9 @@
 """The comparison's methods by name, built from a run config.
 
-Names: ``baseline`` (the plain network), ``sdpoint`` (gives the UBN curve too), ``ms``
+Names: ``baseline`` (the plain network), ``sdpoint`` (gives the UBN curve too, unless
+``config.compare.ubn`` is False), ``low``
+and ``sdpoint+low`` (the same with low mode, paper 003, after ``config.low_mode``; named
+as the settings of :mod:`sdpoint_jax.compare.time_to_target`), ``ms``
 (multiscale training, sizes ``config.compare.ms_min_size..ms_max_size``), ``ee`` (early
 exits) and ``ee-ge-isc-ofa`` (with Gradient Equilibrium, Inline Subnetwork
 Collaboration and one-for-all distillation at ``config.compare.ofa_temperature`` /
@@ -29,20 +32,34 @@ from sdpoint_jax.compare.method import Method
 from sdpoint_jax.compare.multiscale import MultiscaleMethod
 from sdpoint_jax.compare.regularised import RegularisedMethod
 from sdpoint_jax.compare.sdpoint import SDPointMethod
+from sdpoint_jax.compare.time_to_target import setting_config
 from sdpoint_jax.compare.two_phase import FineTuneMethod
 from sdpoint_jax.data.specs import dataset_spec
 from sdpoint_jax.models import create
+from sdpoint_jax.training.run import steps_per_epoch
+from sdpoint_jax.training.schedules import low_mode_schedule
 
 Builder = Callable[[ml_collections.ConfigDict, int], Method]
 
 
-def _sdpoint(sdpoint: bool) -> Builder:
+def _sdpoint(setting: str) -> Builder:
+    """The network trained as the time-to-accuracy ``setting`` (``baseline``, ``low``,
+    ``sdpoint``, ``sdpoint+low``): SDPoint and low mode switched by
+    :func:`~sdpoint_jax.compare.time_to_target.setting_config` (``baseline`` and
+    ``sdpoint`` never run low mode, whatever ``config.low_mode`` says)."""
+
     def build(config: ml_collections.ConfigDict, num_classes: int) -> Method:
+        switched = setting_config(config, setting)
+        low_mode = None
+        if "low" in setting:
+            low_mode = low_mode_schedule(switched, steps_per_epoch(switched))
         return SDPointMethod(
             config.model.name,
             num_classes,
-            sdpoint=sdpoint,
+            sdpoint=switched.sdpoint.enabled,
+            bn_modes=("instance", "uniform") if config.compare.ubn else ("instance",),
             ratios=tuple(config.sdpoint.ratios),
+            low_mode=low_mode,
         )
 
     return build
@@ -126,8 +143,10 @@ def _regularised(option: str, name: str) -> Builder:
 
 
 BUILDERS: dict[str, Builder] = {
-    "baseline": _sdpoint(False),
-    "sdpoint": _sdpoint(True),
+    "baseline": _sdpoint("baseline"),
+    "sdpoint": _sdpoint("sdpoint"),
+    "low": _sdpoint("low"),
+    "sdpoint+low": _sdpoint("sdpoint+low"),
     "ms": _multiscale,
     "ee": _early_exits(False, False),
     "ee-ge": _early_exits(True, False),

@@ -4,7 +4,10 @@ One trained SDPoint network gives two curves: per-instance batch-norm statistics
 (``"sdpoint"``) and the uniform statistics kept alongside them (``"sdpoint-ubn"``, the
 paper's UBN baseline: training is identical, since batch statistics do not depend on
 which running averages are updated). ``sdpoint=False`` trains the unmodified network
-(``"baseline"``: the full instance only).
+(``"baseline"``: the full instance only). A low-mode schedule (paper 003,
+:mod:`sdpoint_jax.core.lowmode`) adds low-mode steps to either (``"sdpoint+low"``,
+``"low"``), drawn exactly as ``python -m sdpoint_jax.main train`` and
+``python -m sdpoint_jax.time_to_accuracy`` draw them; evaluation is in full mode.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.core.instance import DEFAULT_RATIOS, Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
+from sdpoint_jax.training.schedules import LowModeSchedule
 from sdpoint_jax.training.trainee import SDPointTrainee
 
 # A setting: the instance and the batch-norm statistics it is evaluated with.
@@ -31,8 +35,9 @@ class SDPointMethod(Method):
     """SDPoint training of registry model ``model_name`` (``sdpoint=False``: baseline).
 
     It trains exactly as ``python -m sdpoint_jax.main train`` does
-    (:class:`~sdpoint_jax.training.trainee.SDPointTrainee`): training settings are the
-    drawn instances; eval settings are every instance with each of ``bn_modes``.
+    (:class:`~sdpoint_jax.training.trainee.SDPointTrainee`, with the ``low_mode``
+    schedule if given): training settings are the drawn instances (and low modes);
+    eval settings are every instance with each of ``bn_modes``.
     """
 
     def __init__(
@@ -43,14 +48,18 @@ class SDPointMethod(Method):
         sdpoint: bool = True,
         bn_modes: Sequence[str] = ("instance", "uniform"),
         ratios: tuple[float, ...] = DEFAULT_RATIOS,
+        low_mode: LowModeSchedule | None = None,
         name: str | None = None,
     ) -> None:
         self.model = create(model_name, num_classes=num_classes, ratios=ratios)
         self.sdpoint = sdpoint
         self.bn_modes = tuple(bn_modes) if sdpoint else ("instance",)
-        self.name = name or ("sdpoint" if sdpoint else "baseline")
+        default = "sdpoint" if sdpoint else "baseline"
+        if low_mode is not None:
+            default = "sdpoint+low" if sdpoint else "low"
+        self.name = name or default
         self._by_mode = {mode: self.model.clone(bn_mode=mode) for mode in self.bn_modes}
-        self._training = SDPointTrainee(self.model, sdpoint, name=self.name)
+        self._training = SDPointTrainee(self.model, sdpoint, low_mode, name=self.name)
 
     def init_variables(self, key: jax.Array, image_size: int) -> Variables:
         return self._training.init_variables(key, image_size)

@@ -33,8 +33,8 @@ from sdpoint_jax.data import pipeline
 from sdpoint_jax.evaluation.budget import budgeted_eval, fit_thresholds
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.checkpoint import CheckpointManager
-from sdpoint_jax.training.loop import fit
-from sdpoint_jax.training.run import Run
+from sdpoint_jax.training.loop import Monitor, fit
+from sdpoint_jax.training.run import Run, TrainState
 from sdpoint_jax.training.run_dir import RunDir
 
 Row = dict[str, Any]
@@ -60,6 +60,10 @@ def train_method(
     <phase I's name>``, refusing a checkpoint there of another architecture, then
     trains phase II in ``directory`` on the ``finetune`` schedule.
 
+    With ``config.compare.monitor`` the loop logs :func:`test_error_monitor` every
+    ``config.run.eval_every_epochs`` and at the end (``eval_top1_error`` rows of
+    ``train_log.jsonl``, with ``train_seconds``).
+
     Raises:
       Preempted: on ``SIGTERM``, after saving the current step.
       CheckpointError: phase I's checkpoint is of another architecture or config.
@@ -73,10 +77,35 @@ def train_method(
         method.start_from(train_method(method.phase_one, config, first.path, mesh))
         config = phase_two_config(config)
     run = Run.for_trainee(method, config, directory, mesh)
-    state, stopped = fit(run, resume=True, evaluate=False, keep_last=1)
+    monitor = test_error_monitor(method, config, mesh) if config.compare.monitor else None
+    state, stopped = fit(run, resume=True, evaluate=False, keep_last=1, monitor=monitor)
     if stopped:
         raise Preempted(f"SIGTERM: saved {method.name} at step {int(state.step)} in {directory}")
     return state.variables
+
+
+MONITOR_METRIC = "eval_top1_error"
+
+
+def test_error_monitor(method: Method, config: ml_collections.ConfigDict, mesh: Mesh) -> Monitor:
+    """Learning curves: a training-loop monitor giving the top-1 error (%) of ``method``'s
+    full setting (:meth:`Method.full_setting`) on ``config.data.eval_split``, as
+    ``{MONITOR_METRIC: error}``; the same number :func:`evaluate_method` reports for
+    that setting."""
+    setting = method.full_setting(pipeline.dataset_spec(config.data.dataset).image_size)
+    predict = jax.jit(
+        lambda variables, images: (
+            jnp.argmax(method.logits(variables, images, setting), -1)[:, None],
+        )
+    )
+
+    def monitor(state: TrainState) -> dict[str, float]:
+        (predicted,), labels = _outputs(
+            predict, state.variables, config, mesh, config.data.eval_split, f"monitor {method.name}"
+        )
+        return {MONITOR_METRIC: 100.0 * float(np.mean(predicted[:, 0] != labels))}
+
+    return monitor
 
 
 def _outputs(

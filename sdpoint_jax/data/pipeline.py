@@ -212,13 +212,20 @@ def _derive_seeds(*words: int, count: int) -> np.ndarray:
 
 
 def _steps_per_epoch(
-    builder: tfds.core.DatasetBuilder, spec: DatasetSpec, global_batch: int
+    builder: tfds.core.DatasetBuilder,
+    spec: DatasetSpec,
+    global_batch: int,
+    examples_per_class: int | None,
 ) -> int:
-    steps = _split_size(builder, spec.train_split) // global_batch
+    if examples_per_class is None:
+        examples = _split_size(builder, spec.train_split)
+    else:
+        examples = len(_class_subset_indices(builder, spec, examples_per_class))
+    steps = examples // global_batch
     if steps == 0:
         raise ValueError(
-            f"global_batch_size {global_batch} exceeds the {spec.train_split!r} split of "
-            f"{spec.name!r}: not a single full training batch per epoch"
+            f"global_batch_size {global_batch} exceeds the {examples} training examples "
+            f"of {spec.name!r} {spec.train_split!r}: not a single full training batch per epoch"
         )
     return steps
 
@@ -228,13 +235,63 @@ def steps_per_epoch(
     global_batch_size: int,
     data_dir: PathLike | None = None,
     train_split: str | None = None,
+    examples_per_class: int | None = None,
 ) -> int:
     """Full training steps per epoch: ``num_train_examples // global_batch_size``
-    (``train_split``: the training split, default the data set's)."""
+    (``train_split``: the training split, default the data set's; ``examples_per_class``:
+    its class-balanced subset, see :func:`train_batches`)."""
     spec = _training_spec(name, train_split)
     _host_batch_size(global_batch_size)
     builder = _prepared_builder(spec, data_dir, download=False)
-    return _steps_per_epoch(builder, spec, global_batch_size)
+    return _steps_per_epoch(builder, spec, global_batch_size, examples_per_class)
+
+
+def _split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+    """Labels ``(N,)`` of ``split`` in its stored order (the images are not decoded)."""
+    labels = _read_encoded(builder, split, shuffle_seed=None).map(
+        _label, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return np.concatenate(list(tfds.as_numpy(labels.batch(65_536))))
+
+
+@functools.cache
+def _cached_subset_indices(
+    data_dir: str, name: str, split: str, num_classes: int, per_class: int
+) -> np.ndarray:
+    builder = tfds.builder(name, data_dir=data_dir)
+    return first_per_class(_split_labels(builder, split), per_class, num_classes)
+
+
+def _class_subset_indices(
+    builder: tfds.core.DatasetBuilder, spec: DatasetSpec, per_class: int
+) -> np.ndarray:
+    """Stored-order indices of the class-balanced subset of ``spec.train_split``
+    (:func:`first_per_class`; read once per process and split)."""
+    return _cached_subset_indices(
+        str(builder.data_dir_root), spec.name, spec.train_split, spec.num_classes, per_class
+    )
+
+
+def first_per_class(labels: np.ndarray, per_class: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of the first ``per_class`` examples of each of ``num_classes``
+    classes in ``labels`` ``(N,)`` (stored order), ``per_class * num_classes`` in all.
+
+    Raises:
+      ValueError: ``per_class < 1``, or a class with fewer than ``per_class`` examples.
+    """
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"train_examples_per_class must be an integer >= 1, got {per_class!r}")
+    chosen = []
+    for label in range(num_classes):
+        where = np.flatnonzero(labels == label)[:per_class]
+        if len(where) < per_class:
+            raise ValueError(
+                f"train_examples_per_class={per_class} exceeds the {len(where)} examples "
+                f"of class {label} in the training split (at most "
+                f"{min(np.bincount(labels, minlength=num_classes))})"
+            )
+        chosen.append(where)
+    return np.sort(np.concatenate(chosen))
 
 
 # --------------------------------------------------------------------------------------
@@ -352,8 +409,12 @@ class _TrainSource:
     part: int
 
 
-def _train_source(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> _TrainSource:
-    """The training examples of this process.
+def _train_source(
+    builder: tfds.core.DatasetBuilder, spec: DatasetSpec, examples_per_class: int | None
+) -> _TrainSource:
+    """The training examples of this process (with ``examples_per_class``: only the
+    class-balanced subset of the split, :func:`first_per_class`, which must then fit in
+    the shuffle buffer).
 
     If the whole split fits in the shuffle buffer, every process reads all of it once,
     keeps it in memory and reuses it in every epoch; all processes then shuffle it alike
@@ -363,11 +424,19 @@ def _train_source(builder: tfds.core.DatasetBuilder, spec: DatasetSpec) -> _Trai
     of the split (``tfds.split_for_jax_process``), its record files in an order shuffled
     with ``file_seed``, and the global batches depend on the layout.
     """
-    if _split_size(builder, spec.train_split) <= spec.shuffle_buffer:
-        records = _read_encoded(builder, spec.train_split, shuffle_seed=None)
-        in_memory = tf.data.Dataset.from_tensor_slices(
-            records.batch(_cardinality(records)).get_single_element()
+    size = _split_size(builder, spec.train_split)
+    if examples_per_class is not None and size > spec.shuffle_buffer:
+        raise ValueError(
+            f"train_examples_per_class needs a training split that fits in the shuffle "
+            f"buffer ({spec.shuffle_buffer} examples); {spec.train_split!r} has {size}"
         )
+    if size <= spec.shuffle_buffer:
+        records = _read_encoded(builder, spec.train_split, shuffle_seed=None)
+        whole = records.batch(_cardinality(records)).get_single_element()
+        if examples_per_class is not None:
+            chosen = tf.constant(_class_subset_indices(builder, spec, examples_per_class))
+            whole = {key: tf.gather(value, chosen) for key, value in whole.items()}
+        in_memory = tf.data.Dataset.from_tensor_slices(whole)
         return _TrainSource(lambda _file_seed: in_memory, jax.process_count(), jax.process_index())
     split = _host_split(spec.train_split, drop_remainder=True)
     return _TrainSource(functools.partial(_read_encoded, builder, split), 1, 0)
@@ -382,6 +451,7 @@ def _train_epoch(
     batch_size: int,
     num_batches: int,
     skip_batches: int,
+    augment: bool,
 ) -> tf.data.Dataset:
     """Batches ``skip_batches .. num_batches - 1`` of this process in training epoch ``epoch``.
 
@@ -389,12 +459,17 @@ def _train_epoch(
     ``label`` int32 ``[batch_size]``. The stream read by ``source.readers`` processes is
     shuffled in an order that depends on ``(seed, epoch)`` (and on the process, when
     each reads its own part), and its i-th example is augmented as a function of
-    ``(seed, epoch, i)``; batch ``k`` of this process is part ``source.part`` of the
-    stream's ``k``-th run of ``batch_size * source.readers`` examples.
+    ``(seed, epoch, i)`` (without ``augment``: given the evaluation transform); batch
+    ``k`` of this process is part ``source.part`` of the stream's ``k``-th run of
+    ``batch_size * source.readers`` examples.
     """
     stream = jax.process_index() if source.readers == 1 else 0
     shuffle_seed = int(_derive_seeds(seed, _SHUFFLE_TAG, epoch, stream, count=1)[0])
-    preprocess = _train_preprocess(spec, _derive_seeds(seed, _AUGMENT_TAG, epoch, stream, count=2))
+    preprocess = (
+        _train_preprocess(spec, _derive_seeds(seed, _AUGMENT_TAG, epoch, stream, count=2))
+        if augment
+        else _indexed(_eval_preprocess(spec))
+    )
     stream_batch = batch_size * source.readers
     ds = source.read(shuffle_seed)
     ds = ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
@@ -422,6 +497,13 @@ def _train_preprocess(
     return preprocess
 
 
+def _indexed(
+    preprocess: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]],
+) -> Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """``preprocess`` of ``(index, example)`` pairs (the index unused)."""
+    return lambda _index, example: preprocess(example)
+
+
 def _iterate_train(
     source: _TrainSource,
     spec: DatasetSpec,
@@ -430,6 +512,7 @@ def _iterate_train(
     start_step: int,
     batch_size: int,
     epoch_steps: int,
+    augment: bool,
 ) -> Iterator[Batch]:
     """Endless training batches from global step ``start_step`` on, epoch after epoch."""
     start_epoch, skip = divmod(start_step, epoch_steps)
@@ -442,6 +525,7 @@ def _iterate_train(
             batch_size=batch_size,
             num_batches=epoch_steps,
             skip_batches=skip if epoch == start_epoch else 0,
+            augment=augment,
         )
         yield from tfds.as_numpy(ds)
 
@@ -455,9 +539,16 @@ def train_batches(
     data_dir: PathLike | None = None,
     download: bool = False,
     train_split: str | None = None,
+    examples_per_class: int | None = None,
+    augment: bool = True,
 ) -> Iterator[Batch]:
     """Endless, deterministic stream of augmented training batches for this process
     (from ``train_split``, default the data set's training split).
+
+    ``examples_per_class``: train on a fixed class-balanced subset of the split, the
+    first that many examples of each class in the split's stored order
+    (:func:`first_per_class`): the same for every seed and process. ``augment=False``
+    gives training images the evaluation transform (no random crop or flip) instead.
 
     Yields ``{"image": float32 [B, S, S, 3], "label": int32 [B]}`` with
     ``B = global_batch_size // jax.process_count()``. The k-th yielded batch is global step
@@ -466,8 +557,9 @@ def train_batches(
     epoch has :func:`steps_per_epoch` steps (the incomplete last batch is dropped).
 
     Raises (before anything is read):
-      ValueError: unknown ``name``, bad ``seed``/``start_step`` or a global batch size that
-        does not split over the processes or exceeds the training split.
+      ValueError: unknown ``name``, bad ``seed``/``start_step``/``examples_per_class``
+        (or a class with fewer examples), or a global batch size that does not split
+        over the processes or exceeds the training examples.
       DatasetUnavailableError: the data set is not prepared and cannot be downloaded.
     """
     spec = _training_spec(name, train_split)
@@ -477,12 +569,13 @@ def train_batches(
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     builder = _prepared_builder(spec, data_dir, download)
     return _iterate_train(
-        _train_source(builder, spec),
+        _train_source(builder, spec, examples_per_class),
         spec,
         seed=seed,
         start_step=start_step,
         batch_size=batch_size,
-        epoch_steps=_steps_per_epoch(builder, spec, global_batch_size),
+        epoch_steps=_steps_per_epoch(builder, spec, global_batch_size, examples_per_class),
+        augment=augment,
     )
 
 

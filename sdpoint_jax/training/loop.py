@@ -30,7 +30,7 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -47,6 +47,9 @@ from sdpoint_jax.training.run import Run, TrainState
 from sdpoint_jax.training.run_dir import RunDir
 from sdpoint_jax.training.schedules import ProgramKey, learning_rate_schedule
 from sdpoint_jax.training.steps import program_fingerprint, train_programs
+
+Monitor = Callable[[TrainState], dict[str, float]]
+"""Metrics of a training state (e.g. a test error), logged at the evaluation times."""
 
 
 def train(
@@ -78,6 +81,7 @@ def fit(
     evaluate: bool,
     keep_last: int | None = None,
     resume_step: int | None = None,
+    monitor: Monitor | None = None,
 ) -> tuple[TrainState, bool]:
     """Trains ``run.trainee`` for ``config.optim.num_epochs`` (or up to ``config.run.max_steps``):
     the one training loop of the project, for SDPoint and for every method of the
@@ -87,7 +91,10 @@ def fit(
     of that step; checkpoints (and the draws per setting) are saved atomically every
     ``config.run.checkpoint_every_steps`` steps, at the end and on SIGTERM. With
     ``evaluate``, the full network's top-1 accuracy is measured every
-    ``config.run.eval_every_epochs`` (the best checkpoint is kept too). ``resume``: see
+    ``config.run.eval_every_epochs`` (the best checkpoint is kept too). ``monitor``, if
+    given, is called with the state at the same times (with or without ``evaluate``)
+    and its metrics are logged with ``train_seconds``; it must not change the state.
+    ``resume``: see
     :func:`train`; ``resume_step`` implies ``resume``. ``keep_last``: checkpoints kept
     (default ``config.run.keep_checkpoints``).
     """
@@ -124,6 +131,8 @@ def fit(
         start_step=start,
         data_dir=config.data.data_dir,
         train_split=config.data.train_split,
+        examples_per_class=config.data.train_examples_per_class,
+        augment=config.data.augment,
     )
     draws = Counter(draws)
     stopped = False
@@ -178,17 +187,19 @@ def fit(
                     instance=str(key),
                 )
             bar.update()
-            # at most one save per step: a step is never written twice
-            if evaluate and ((step + 1) % eval_every == 0 or step + 1 == run.total_steps):
+            measures = (step + 1) % eval_every == 0 or step + 1 == run.total_steps
+            measured_now = measures and (evaluate or monitor is not None)
+            if measured_now:
                 with clock.paused(state):
-                    top1 = _full_accuracy(run, state)
-                    logger.write(
-                        step + 1,
-                        {"eval_top1_accuracy": top1, "train_seconds": clock.seconds()},
-                        None,
+                    measured = (
+                        {"eval_top1_accuracy": _full_accuracy(run, state)} if evaluate else {}
                     )
-                    save(step + 1, state, draws, {"top1_accuracy": top1})
-                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
+                    measured.update(monitor(state) if monitor is not None else {})
+                    logger.write(step + 1, {**measured, "train_seconds": clock.seconds()}, None)
+            # at most one save per step: a step is never written twice
+            if evaluate and measures:
+                with clock.paused(state):
+                    save(step + 1, state, draws, {"top1_accuracy": measured["eval_top1_accuracy"]})
             elif (
                 (step + 1) % config.run.checkpoint_every_steps == 0
                 or step + 1 == end
@@ -196,6 +207,8 @@ def fit(
             ):
                 with clock.paused(state):
                     save(step + 1, state, draws, None)
+            if measured_now:
+                last_log = (step + 1, time.perf_counter())  # exclude eval from img/s
             if preempted():
                 logger.note(f"SIGTERM: saved step {step + 1} and stopped")
                 stopped = True

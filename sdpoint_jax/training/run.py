@@ -38,6 +38,8 @@ from sdpoint_jax.training.trainee import SDPointTrainee, Setting, Trainee
 RESUME_INVARIANTS = (
     "data.dataset",
     "data.train_split",
+    "data.train_examples_per_class",
+    "data.augment",
     "model.name",
     "sdpoint.enabled",
     "sdpoint.ratios",
@@ -135,6 +137,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
         config.optim.batch_size,
         config.data.data_dir,
         config.data.train_split,
+        config.data.train_examples_per_class,
     )
 
 

@@ -348,3 +348,59 @@ def test_real_cifar10_batches_are_normalised() -> None:
     for pixels in (train["image"][is_data], evaluation["image"].reshape(-1, 3)):
         assert np.all(np.abs(pixels.mean(axis=0)) < 0.3), pixels.mean(axis=0)
         assert np.all(np.abs(pixels.std(axis=0) - 1) < 0.3), pixels.std(axis=0)
+
+
+def test_first_per_class_keeps_the_first_examples_of_each_class_in_stored_order() -> None:
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 1])
+    np.testing.assert_array_equal(pipeline.first_per_class(labels, 2, 3), [0, 1, 2, 3, 4, 6])
+    with pytest.raises(ValueError, match="train_examples_per_class=4 exceeds the 3 examples"):
+        pipeline.first_per_class(labels, 4, 3)
+    with pytest.raises(ValueError, match="integer >= 1, got 0"):
+        pipeline.first_per_class(labels, 0, 3)
+
+
+SUBSET_SPLIT = "train[:200]"  # every class has >= 3 examples among the first 200
+
+
+@needs_cifar10
+def test_class_subset_without_augmentation_is_the_same_eval_preprocessed_images_for_every_seed():
+    per_class = 3
+    (stored,) = take(
+        pipeline.eval_batches(
+            "cifar10", global_batch_size=200, split=SUBSET_SPLIT, data_dir=SHARED_DATA_DIR
+        ),
+        1,
+    )
+    chosen = np.concatenate(
+        [np.flatnonzero(stored["label"] == label)[:per_class] for label in range(10)]
+    )
+    expected = sorted((int(stored["label"][i]), stored["image"][i].tobytes()) for i in chosen)
+    common = {
+        "global_batch_size": 10 * per_class,
+        "data_dir": SHARED_DATA_DIR,
+        "train_split": SUBSET_SPLIT,
+        "examples_per_class": per_class,
+    }
+    sizes = {k: v for k, v in common.items() if k != "global_batch_size"}
+    assert pipeline.steps_per_epoch("cifar10", 10 * per_class, **sizes) == 1
+    epochs = {
+        seed: take(pipeline.train_batches("cifar10", seed=seed, augment=False, **common), 2)
+        for seed in (0, 1)
+    }
+    for seed, batches in epochs.items():
+        for batch in batches:  # each batch is one whole epoch
+            assert np.bincount(batch["label"], minlength=10).tolist() == [per_class] * 10
+            got = sorted(
+                (int(label), image.tobytes())
+                for label, image in zip(batch["label"], batch["image"], strict=True)
+            )
+            assert got == expected, seed
+    assert not np.array_equal(epochs[0][0]["label"], epochs[1][0]["label"])  # seeded order
+    (augmented,) = take(pipeline.train_batches("cifar10", seed=0, **common), 1)
+    assert sorted(augmented["label"].tolist()) == sorted(epochs[0][0]["label"].tolist())
+    augmented_images = {image.tobytes() for image in augmented["image"]}
+    assert len(augmented_images & {image for _, image in expected}) < per_class * 10  # cropped
+    with pytest.raises(ValueError, match="train_examples_per_class=30 exceeds"):
+        pipeline.steps_per_epoch(
+            "cifar10", 10, data_dir=SHARED_DATA_DIR, train_split=SUBSET_SPLIT, examples_per_class=30
+        )
