@@ -10,7 +10,7 @@ runs it:
 * a usage error (unknown or malformed flag, missing or misplaced flag, no or unknown
   command, or :class:`UsageError` raised by the command) prints one line
   ``error: ... (see python -m MODULE --help)`` on stderr and exits with status 2;
-* a user error (:func:`user_errors`: bad input or a missing file, not a bug) prints one
+* a user error (:data:`USER_ERRORS`: bad input or a missing file, not a bug) prints one
   line ``error: ...`` and exits with status 1;
 * library logs go to stderr in absl's format, errors only unless ``--verbosity``
   asks for more (the C++ side is set before TensorFlow loads,
@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdpoint_jax.errors import CheckpointError, DatasetUnavailableError, ProcessFailedError
 from sdpoint_jax.startup import ERRORS_ONLY, define_verbosity_flag
 
 UsageError = app.UsageError
@@ -40,21 +41,16 @@ USAGE_STATUS = 2
 USER_ERROR_STATUS = 1
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input or a missing file, not a bug: reported without a stack
-    trace. Imported on use (they come with TensorFlow and orbax)."""
-    from sdpoint_jax.data.pipeline import DatasetUnavailableError
-    from sdpoint_jax.training.checkpoint import CheckpointError
-    from sdpoint_jax.training.local_processes import ProcessFailedError
-
-    return (
-        CheckpointError,
-        DatasetUnavailableError,
-        ProcessFailedError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-    )
+USER_ERRORS = (
+    CheckpointError,
+    DatasetUnavailableError,
+    ProcessFailedError,
+    FileExistsError,
+    FileNotFoundError,
+    ValueError,
+)
+"""Errors that mean bad input or a missing file, not a bug: reported without a stack
+trace (:mod:`sdpoint_jax.errors`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +284,6 @@ def run(program: Program, argv: Sequence[str] | None = None) -> Any:
         return command.run(flag_values)
     except UsageError as err:
         _usage_error(program, name, err)
-    except user_errors() as err:  # evaluated only once an error is raised
+    except USER_ERRORS as err:
         print(f"error: {_error_line(err)}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)

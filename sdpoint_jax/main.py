@@ -104,7 +104,7 @@ def run_steps(flag_values: flags.FlagValues, steps: Sequence[str]) -> None:
 
 def select(flag_values: flags.FlagValues) -> dict:
     """The best evaluated instance within the budget (printed and returned)."""
-    from sdpoint_jax.evaluation.workflow import select_run
+    from sdpoint_jax.evaluation.selection import select_run
 
     return select_run(
         flag_values.workdir,

@@ -185,10 +185,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-# Each entry point with a bad input that gets past flag parsing where it can, so that
-# the libraries behind the command (TensorFlow, orbax, JAX) are loaded.
+# Each entry point with a bad input that gets past flag parsing where it can. main's
+# evaluate loads the libraries behind the commands (TensorFlow, orbax, JAX, Flax) before
+# it finds no checkpoint; the others fail before they need them.
 ENTRY_POINTS = {
-    "sdpoint_jax.main": (["select", "--workdir=/nonexistent", "--budget-gflops=1"], 1),
+    "sdpoint_jax.main": (["evaluate", f"--config={QUICK_CONFIG}", "--workdir=/nonexistent"], 1),
     "sdpoint_jax.flops": (["--model", "wrn-11-1"], 2),
     "sdpoint_jax.export": (["--workdir", "/nonexistent", "--out", "/nonexistent/x"], 1),
     "sdpoint_jax.bench": (["latency", "--model", "wrn-10-1", "--repeats", "0"], 2),

@@ -36,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sdpoint_jax.data.specs import DatasetSpec, dataset_spec
+from sdpoint_jax.errors import DatasetUnavailableError
 
 
 def _training_spec(name: str, train_split: str | None) -> DatasetSpec:
@@ -56,10 +57,6 @@ _hide_gpus_from_tensorflow()
 
 Batch = dict[str, np.ndarray]
 PathLike = str | os.PathLike[str]
-
-
-class DatasetUnavailableError(RuntimeError):
-    """The data set is not prepared in the searched directory and could not be downloaded."""
 
 
 _CIFAR_PAD = 4

@@ -135,7 +135,7 @@ def measured_errors(
     """``{instance: {"top1_error", "top5_error", "evaluated_examples"}}`` from the run's
     ``results.json`` when it was computed from ``source``; else ``{}``, with a one-line
     note saying why."""
-    from sdpoint_jax.evaluation.evaluate import read_results
+    from sdpoint_jax.training.run_dir import read_results
 
     path = run_dir.results_json
     current = run_dir.is_current(path, source)

@@ -30,7 +30,7 @@ from sdpoint_jax.core.norm import check_bn_mode
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
-from sdpoint_jax.training.run_dir import RunDir, Source, read_rows_json, write_rows_json
+from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
 from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
 
 RESULT_FIELDS = (
@@ -219,14 +219,3 @@ def write_results(rows: Sequence[Row], directory: str | Path, source: Source) ->
     run_dir = RunDir(directory)
     write_csv(rows, run_dir.results_csv)
     write_rows_json(run_dir.results_json, rows, source)
-
-
-def read_results(directory: str | Path) -> list[Row]:
-    """The rows written by :func:`write_results` (from ``results.json``, typed; also
-    the bare list of rows earlier versions wrote)."""
-    path = RunDir(directory).results_json
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no evaluation results at {path}; run the evaluate command (or write_results) first"
-        )
-    return read_rows_json(path)[0]

@@ -3,12 +3,20 @@
 Rows are those of :func:`sdpoint_jax.evaluation.evaluate.evaluate_instances` (``point``, ``ratio``,
 ``gflops``, ``top1_error``, ``bn_mode``, ...). A latency budget joins them with latency
 rows ``{"point", "ratio", "batch", "median_ms"}`` of a latency benchmark.
+
+:func:`select_run` is the ``select`` command: it reads a run directory's
+``results.json`` (and ``latency.json`` with ``--budget-ms``) and needs neither JAX nor
+TensorFlow, so it answers at once.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from sdpoint_jax.training.run_dir import RunDir, read_results
 
 Row = dict[str, Any]
 
@@ -104,3 +112,48 @@ def select_instance(
             f"available costs {front[0][cost]:g} {unit}"
         )
     return dict(min(fitting, key=lambda row: row["top1_error"]))
+
+
+def format_results(rows: Sequence[Row]) -> str:
+    """``rows`` as a text table: BN mode, point, ratio, GFLOPs, top-1 and top-5 error."""
+    lines = [f"{'bn':>8} {'point':>5} {'ratio':>5} {'GFLOPs':>8} {'top-1 err':>9} {'top-5 err':>9}"]
+    for row in rows:
+        ratio = "-" if row["point"] == 0 else f"{row['ratio']:g}"
+        lines.append(
+            f"{row['bn_mode']:>8} {row['point']:>5} {ratio:>5} {row['gflops']:>8.4f} "
+            f"{row['top1_error']:>9.2f} {row['top5_error']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def select_run(
+    workdir: str | Path,
+    *,
+    budget_gflops: float | None,
+    budget_ms: float | None,
+    latency_file: str | Path | None,
+    batch: int | None,
+) -> Row:
+    """Prints and returns the best measured instance within the budget."""
+    rows = read_results(workdir)
+    latency_rows = None
+    if budget_ms is not None:
+        path = Path(latency_file) if latency_file else RunDir(workdir).latency_json
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--budget-ms needs a latency table, and {path} does not exist: measure one "
+                f"with `python -m sdpoint_jax.bench latency --model M --out {Path(workdir)}`, "
+                f"or give one with --latency"
+            )
+        latency_rows = json.loads(path.read_text())
+    bn_mode = "instance" if any(r["bn_mode"] == "instance" for r in rows) else "uniform"
+    row = select_instance(
+        rows,
+        budget_gflops=budget_gflops,
+        budget_ms=budget_ms,
+        latency_rows=latency_rows,
+        batch=batch,
+        bn_mode=bn_mode,
+    )
+    print(format_results([row]))
+    return row

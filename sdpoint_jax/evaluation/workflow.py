@@ -1,15 +1,14 @@
-"""The steps after training: calibrate BN per instance, evaluate every instance, choose.
+"""The steps after training: calibrate BN per instance, evaluate every instance.
 
 Each step reads and writes the run directory
 (:class:`sdpoint_jax.training.run_dir.RunDir`): ``calibrate`` writes ``calibrated/``,
 ``evaluate`` writes ``results.{csv,json}`` and ``cost_error.png`` (and
-``cascade.{csv,json}`` with ``--cascade``), ``select`` reads ``results.json`` (and
-``latency.json`` with ``--budget-ms``).
+``cascade.{csv,json}`` with ``--cascade``). The last step, choosing an instance for a
+budget from ``results.json``, is :func:`sdpoint_jax.evaluation.selection.select_run`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +17,14 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data import pipeline
 from sdpoint_jax.evaluation.calibrate import calibrate
 from sdpoint_jax.evaluation.cascade import evaluate_cascade, format_cascade
-from sdpoint_jax.evaluation.evaluate import (
-    evaluate_instances,
-    read_results,
-    write_csv,
-    write_results,
-)
+from sdpoint_jax.evaluation.evaluate import evaluate_instances, write_csv, write_results
 from sdpoint_jax.evaluation.plot import plot_cost_error
-from sdpoint_jax.evaluation.selection import select_instance
+from sdpoint_jax.evaluation.selection import format_results
 from sdpoint_jax.training.run import Run, TrainState, restore_for_evaluation
-from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
+from sdpoint_jax.training.run_dir import Source, write_rows_json
 
 
 def calibrate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -191,48 +184,3 @@ def _write_evaluation(
     )
     plot_cost_error(rows, files.cost_error_png, title=title, extra_curves=curves)
     print(f"wrote {', '.join(path.name for path in written)} in {run.workdir}")
-
-
-def format_results(rows: list[dict]) -> str:
-    lines = [f"{'bn':>8} {'point':>5} {'ratio':>5} {'GFLOPs':>8} {'top-1 err':>9} {'top-5 err':>9}"]
-    for row in rows:
-        instance = Instance(row["point"], row["ratio"])
-        ratio = "-" if instance.is_full else f"{instance.ratio:g}"
-        lines.append(
-            f"{row['bn_mode']:>8} {row['point']:>5} {ratio:>5} {row['gflops']:>8.4f} "
-            f"{row['top1_error']:>9.2f} {row['top5_error']:>9.2f}"
-        )
-    return "\n".join(lines)
-
-
-def select_run(
-    workdir: str | Path,
-    *,
-    budget_gflops: float | None,
-    budget_ms: float | None,
-    latency_file: str | Path | None,
-    batch: int | None,
-) -> dict:
-    """Prints and returns the best measured instance within the budget."""
-    rows = read_results(workdir)
-    latency_rows = None
-    if budget_ms is not None:
-        path = Path(latency_file) if latency_file else RunDir(workdir).latency_json
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--budget-ms needs a latency table, and {path} does not exist: measure one "
-                f"with `python -m sdpoint_jax.bench latency --model M --out {Path(workdir)}`, "
-                f"or give one with --latency"
-            )
-        latency_rows = json.loads(path.read_text())
-    bn_mode = "instance" if any(r["bn_mode"] == "instance" for r in rows) else "uniform"
-    row = select_instance(
-        rows,
-        budget_gflops=budget_gflops,
-        budget_ms=budget_ms,
-        latency_rows=latency_rows,
-        batch=batch,
-        bn_mode=bn_mode,
-    )
-    print(format_results([row]))
-    return row

@@ -40,13 +40,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from sdpoint_jax.errors import CheckpointError
+
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
 META_ITEM = "meta"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the state it is restored into."""
 
 
 class CorruptedCheckpointError(CheckpointError):

@@ -26,16 +26,13 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from sdpoint_jax.errors import ProcessFailedError
 from sdpoint_jax.training.parallel import ADDRESS_VARIABLE, COUNT_VARIABLE, ID_VARIABLE
 
 HOST = "127.0.0.1"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL_SECONDS = 0.1
-
-
-class ProcessFailedError(RuntimeError):
-    """A process of the job failed; the others were stopped."""
 
 
 def free_port() -> int:

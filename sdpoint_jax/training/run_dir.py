@@ -173,6 +173,18 @@ def write_rows_json(path: Path, rows: Sequence[Row], source: Source) -> None:
         file.write("\n")
 
 
+def read_results(directory: str | Path) -> list[Row]:
+    """The evaluation rows of run directory ``directory``, written by
+    :func:`sdpoint_jax.evaluation.evaluate.write_results` (from ``results.json``, typed;
+    also the bare list of rows earlier versions wrote)."""
+    path = RunDir(directory).results_json
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no evaluation results at {path}; run the evaluate command (or write_results) first"
+        )
+    return read_rows_json(path)[0]
+
+
 def read_rows_json(path: Path) -> tuple[list[Row], Source | None]:
     """The rows and source of a file written by :func:`write_rows_json`, or the rows of
     a bare list (an earlier version's file) with source ``None``.

@@ -11,7 +11,6 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.evaluation.evaluate import (
     RESULT_FIELDS,
     evaluate_instances,
-    read_results,
     write_results,
 )
 from sdpoint_jax.evaluation.plot import plot_cost_error
@@ -19,7 +18,7 @@ from sdpoint_jax.evaluation.selection import pareto_front, select_instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.parallel import create_mesh
-from sdpoint_jax.training.run_dir import RunDir, Source
+from sdpoint_jax.training.run_dir import RunDir, Source, read_results
 from tests.conftest import HW, make_batches, random_variables
 
 PADDED = 3  # padding examples at the end of the last batch

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run, select_run
+from sdpoint_jax.evaluation.selection import select_run
+from sdpoint_jax.evaluation.workflow import calibrate_run, evaluate_run
 from sdpoint_jax.training.checkpoint import CheckpointError
 from sdpoint_jax.training.loop import train
 from sdpoint_jax.training.run_dir import RunDir, Source

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdpoint_jax.evaluation.evaluate import csv_value, read_results, write_csv, write_results
+from sdpoint_jax.evaluation.evaluate import csv_value, write_csv, write_results
 from sdpoint_jax.training.checkpoint import CheckpointManager
 from sdpoint_jax.training.run_dir import (
     CALIBRATED,
     RUNNING_AVERAGE,
     RunDir,
     Source,
+    read_results,
     read_rows_json,
     write_rows_json,
 )
