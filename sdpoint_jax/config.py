@@ -29,9 +29,10 @@ Fields are grouped by concern:
 * ``run``: ``max_steps``, ``log_every_steps``, ``eval_every_epochs``,
   ``checkpoint_every_steps``, ``keep_checkpoints``
 * ``compile``: ``precompile``, ``workers``, ``cache_dir``, ``conv_lowering``
-* ``time_to_accuracy`` (only in configs for ``python -m sdpoint_jax.time_to_accuracy``,
-  e.g. ``experiments/configs/lowmode_cifar10_quick.py``): ``training_settings``,
-  ``accuracy_targets``
+* ``time_to_accuracy`` (only in configs that report times to accuracy targets:
+  ``python -m sdpoint_jax.time_to_accuracy``, e.g.
+  ``experiments/configs/lowmode_cifar10_quick.py``, with ``training_settings`` and
+  ``accuracy_targets``; a study of the comparison, with ``accuracy_targets``)
 
 Config files under ``experiments/configs/`` call these builders; any field can be
 overridden on the command line (``--config.optim.batch_size=64``). A config file's
