@@ -46,7 +46,7 @@ Which mode is fastest depends on the machine: on one AMD EPYC with AVX-512, tcma
 made the SDPoint mix slower against its FLOPs than huge pages did. So ``auto`` can be
 chosen from measurement::
 
-    python -m sdpoint_jax.bench train --model wrn-16-4 --batch 128 --steps 24 \
+    python -m sdpoint_jax.bench train --model wrn-16-4 --batch 128 --steps 24 \\
         --host-memory=all --rounds 3 --record
 
 runs the train benchmark once per available mode and round (each in a child process
