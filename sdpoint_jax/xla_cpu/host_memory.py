@@ -168,7 +168,7 @@ def requested_mode(environ: Mapping[str, str] = os.environ) -> str:
     return mode
 
 
-def available_modes(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+def available_modes() -> tuple[str, ...]:
     """The :data:`CONCRETE_MODES` this machine can run: ``tcmalloc`` where the library is
     installed, ``huge-pages`` on Linux with glibc where transparent huge pages are in
     ``madvise`` or ``always`` mode, and ``default``."""
@@ -226,7 +226,7 @@ def read_record(path: Path | None = None) -> dict[str, Any] | None:
     return record
 
 
-def recorded_mode(environ: Mapping[str, str] = os.environ) -> str | None:
+def recorded_mode() -> str | None:
     """The recorded mode (:func:`read_record`) where the record's CPU model, kernel
     release and glibc version are this machine's and the mode is available here; else
     None."""
@@ -235,7 +235,7 @@ def recorded_mode(environ: Mapping[str, str] = os.environ) -> str | None:
         return None
     if any(record[key] != value for key, value in machine.identity().items()):
         return None
-    return record["mode"] if record["mode"] in available_modes(environ) else None
+    return record["mode"] if record["mode"] in available_modes() else None
 
 
 def resolve(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
@@ -262,7 +262,7 @@ def resolve(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
         and cpu_backend_expected(environ)
     ):
         return "default", "preference"
-    recorded = recorded_mode(environ)
+    recorded = recorded_mode()
     if recorded is not None:
         return recorded, "recorded"
     if tcmalloc_library() is not None:
