@@ -101,8 +101,8 @@ def parse_modes(text: str, available: Sequence[str]) -> list[str]:
 
 
 def requested_modes(flag_values: flags.FlagValues) -> list[str] | None:
-    """The ``--host-memory`` modes, None without the flag; ``--rounds`` above 1 or
-    ``--record`` without it is a usage error."""
+    """The ``--host-memory`` modes, None without the flag; ``--rounds`` or ``--record``
+    without it is a usage error."""
     text = flag_values["host-memory"].value
     if text is None:
         for name in ("rounds", "record"):

@@ -133,6 +133,40 @@ def test_the_combined_table_takes_medians_over_rounds():
     ]
 
 
+def test_rounds_alternate_the_modes_and_the_fastest_mix_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(host_memory, "available_modes", lambda: ("huge-pages", "default"))
+    mix_ms = iter([50, 40, 60, 45, 55, 44])  # default, huge-pages, default, ...
+    started = []
+
+    def measure_in(mode, command, out):
+        started.append((mode, out.name))
+        return {
+            **_result(100, next(mix_ms)),
+            "host_memory": mode,
+            "model": "wrn-10-1",
+            "dataset": "cifar10",
+            "dtype": "float32",
+            "conv_lowering": "matmul_grad",
+            "batch": 4,
+            "steps": 2,
+            "device_kind": "cpu",
+        }
+
+    monkeypatch.setattr(train_host_memory, "measure_in", measure_in)
+    argv = ["train", *TINY, "--batch=4", "--steps=2", "--host-memory=default,huge-pages"]
+    result = main([*argv, "--rounds=3", "--record", f"--out={tmp_path}"])
+    assert started == [
+        (mode, f"{index}-{mode}") for index in range(3) for mode in ("default", "huge-pages")
+    ]
+    assert [(row["host_memory"], row["mix_step_ms"]) for row in result["modes"]] == [
+        ("default", 55),
+        ("huge-pages", 44),
+    ]
+    assert result["fastest"] == "huge-pages" == host_memory.read_record()["mode"]
+    assert json.loads((tmp_path / "train_bench_host_memory.json").read_text()) == result
+
+
 def test_compare_two_modes_end_to_end_and_record_the_fastest(
     tmp_path, monkeypatch, capsys, compilation_cache_dir
 ):
