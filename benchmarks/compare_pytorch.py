@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdpoint_jax import machine
 from sdpoint_jax.config import cifar_config
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
@@ -174,6 +175,8 @@ def main() -> None:
         "model": args.model,
         "batch": args.batch,
         "host_memory": mode,
+        "host_memory_source": host_memory.mode_source(),
+        "cpu_model": machine.cpu_model(),
         "medians": medians,
         "ours_over_pytorch": {
             name: {

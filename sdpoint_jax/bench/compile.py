@@ -23,7 +23,8 @@ compiling or loading), after the backend has started. The caches are in a tempor
 directory removed at the end.
 
 ``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
-``platform``, ``jax_version``, ``host_memory``, ``batch``, ``workers``, ``programs`` (``2N + 1``),
+``platform``, ``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``,
+``batch``, ``workers``, ``programs`` (``2N + 1``),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
 ``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
 ``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (XLA programs
@@ -199,6 +200,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
         f"{target.model_name} on {target.dataset}, {target.dtype}, batch {batch_size}: compiling "
         f"{result['programs']} train-step programs on {result['device_kind']}"
     )
+    print(report.host_line(result))
     print(report.format_table([{**row, "of_one": row["seconds"] / one} for row in table], COLUMNS))
     print(f"wrote {path}")
     return result

@@ -11,9 +11,9 @@ memory), then ``--steps`` batches of ``--batch`` images are timed until the last
 is on the devices. Nothing else runs: the figure is what the host's cores feed.
 
 ``input_bench.json``: ``dataset``, ``data_dir``, ``split``, ``batch``, ``steps``, ``cores`` (CPU
-cores this process may run on), ``cpu_model``, ``seconds``, ``images_per_s``,
-``images_per_s_per_core``, ``device_kind``, ``platform``, ``jax_version``,
-``host_memory``.
+cores this process may run on), ``seconds``, ``images_per_s``,
+``images_per_s_per_core``, ``device_kind``, ``cpu_model``, ``platform``, ``jax_version``,
+``host_memory``, ``host_memory_source``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -47,16 +46,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "split", None, "training split read (default: the data set's, e.g. train)", **define
     )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def measure(
@@ -92,7 +81,6 @@ def measure(
         "batch": batch_size,
         "steps": steps,
         "cores": cores,
-        "cpu_model": cpu_model(),
         "seconds": seconds,
         "images_per_s": images_per_s,
         "images_per_s_per_core": images_per_s / cores,

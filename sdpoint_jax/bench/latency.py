@@ -10,7 +10,8 @@ latency is ordered like FLOPs (Spearman rank correlation, and the pairs of insta
 where the one with fewer FLOPs is more than 5% slower).
 
 Row fields: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
-``jax_version``, ``host_memory``, ``instance`` (e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
+``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``, ``instance``
+(e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
 ``gflops`` (analytic, per image), ``xla_gflops`` (XLA's cost analysis of the compiled
 program, per batch; ``null`` where the backend has none), ``compile_s`` (lower and
 compile, seconds), ``repeats``, ``warmup``, ``median_ms``, ``p10_ms``, ``p90_ms`` (per
@@ -269,6 +270,7 @@ def run(flag_values: flags.FlagValues) -> list[Row]:
     device = rows[0]["device_kind"]
     png_path = plot(rows, out / "latency_vs_flops.png", f"{target.model_name} ({device})")
     print(f"{target.model_name} on {target.dataset}, {target.dtype}, {device}:")
+    print(report.host_line(rows[0]))
     print(report.format_table(rows, COLUMNS))
     print(format_order(rows))
     print(f"wrote {json_path} and {png_path}")

@@ -10,19 +10,33 @@ from typing import Any
 
 import jax
 
+from sdpoint_jax import machine
 from sdpoint_jax.xla_cpu import host_memory
 
 
 def environment() -> dict[str, str]:
     """``device_kind``, ``platform`` and ``jax_version`` of this process's first device,
-    and the process's ``host_memory`` mode (:func:`sdpoint_jax.xla_cpu.host_memory.active_mode`)."""
+    the host's ``cpu_model`` (:func:`sdpoint_jax.machine.cpu_model`), and the process's
+    ``host_memory`` mode (:func:`sdpoint_jax.xla_cpu.host_memory.active_mode`) and how it
+    was chosen, ``host_memory_source`` (:func:`~sdpoint_jax.xla_cpu.host_memory.mode_source`)."""
     device = jax.devices()[0]
     return {
         "device_kind": device.device_kind,
         "platform": device.platform,
         "jax_version": jax.__version__,
+        "cpu_model": machine.cpu_model(),
         "host_memory": host_memory.active_mode(),
+        "host_memory_source": host_memory.mode_source(),
     }
+
+
+def host_line(result: Mapping[str, Any]) -> str:
+    """The line above a benchmark's table naming the host: CPU model and host memory
+    mode, from a result carrying :func:`environment`."""
+    return (
+        f"CPU: {result['cpu_model']}; host memory: {result['host_memory']} "
+        f"({result['host_memory_source']})"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +69,8 @@ def write_json(path: Path, value: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=1) + "\n")
     return path
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of ``path`` (as :func:`write_json` wrote it)."""
+    return json.loads(path.read_text())

@@ -16,12 +16,16 @@ forward-pass FLOPs; a train step costs about three forward passes at every insta
 so the fractions carry over.
 
 ``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
-``jax_version``, ``host_memory``, ``batch``, ``steps``, ``runs`` (one object per run: ``name``
+``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``, ``batch``,
+``steps``, ``runs`` (one object per run: ``name``
 (``full``, ``cheapest``, ``mix``, and ``low`` where supported), ``draws`` (instance or
 low mode, e.g. ``"low:2"`` -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
 ``flops_fraction`` (mean FLOPs / full FLOPs over its steps; low mode counts its
 downsampled convolutions, not the input downsampling)),
 ``mix_over_full_step_time``, ``drawn_flops_fraction`` and ``uniform_flops_fraction``.
+
+``--host-memory=MODES`` runs all of this once per host memory mode, each in a child
+process started in it, and compares them (:mod:`sdpoint_jax.bench.train_host_memory`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from absl import flags
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sdpoint_jax.bench import options, report
+from sdpoint_jax.bench import options, report, train_host_memory
 from sdpoint_jax.bench.train_steps import TrainSteps
 from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance, InstanceSpace
@@ -62,6 +66,7 @@ COLUMNS = (
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
     flags.DEFINE_integer("steps", 20, "timed steps per run", lower_bound=1, flag_values=flag_values)
+    train_host_memory.define_flags(flag_values)
 
 
 def uniform_flops_fraction(space: InstanceSpace, flops: Mapping[Instance, int]) -> float:
@@ -148,13 +153,17 @@ def _describe(draws: Mapping[str, int]) -> str:
 
 
 def run(flag_values: flags.FlagValues) -> dict[str, Any]:
-    """Measures, writes ``train_bench.json``, prints the table; returns the result."""
+    """Measures, writes ``train_bench.json``, prints the table; returns the result. With
+    ``--host-memory``, compares host memory modes instead (:mod:`.train_host_memory`)."""
     target, model = options.target_from_flags(flag_values)
     batch_size = options.batch_size(flag_values, "train")
     try:
         parallel.check_batch_size(batch_size, parallel.create_mesh())
     except ValueError as err:
         raise UsageError(f"--batch: {err}") from err
+    modes = train_host_memory.requested_modes(flag_values)
+    if modes is not None:
+        return train_host_memory.run(flag_values, modes)
     steps = flag_values.steps
     result = benchmark(target, model, batch_size, steps)
     path = report.write_json(Path(flag_values.out) / "train_bench.json", result)
@@ -171,6 +180,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
         f"{target.model_name} on {target.dataset}, {target.dtype}, batch {batch_size}, "
         f"{steps} steps per run, {result['device_kind']}:"
     )
+    print(report.host_line(result))
     print(report.format_table(table, COLUMNS))
     print(
         f"SDPoint mix: step time {result['mix_over_full_step_time']:.1%} of full; FLOPs "

@@ -36,7 +36,9 @@ import jaxlib
 from jax.experimental import serialize_executable
 from tqdm.auto import tqdm
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdpoint_jax"
+from sdpoint_jax.cache_dir import cache_dir
+
+DEFAULT_CACHE_DIR = cache_dir()
 
 
 def default_compile_workers(cap: int = 8) -> int:

@@ -35,11 +35,32 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
     The process as started.
 ``auto`` (the default)
     On a CPU backend (``JAX_PLATFORMS`` starts with ``cpu``, or no accelerator plugin
-    is installed) on Linux with glibc: ``tcmalloc`` where the library is installed,
+    is installed) on Linux with glibc: the mode recorded as fastest on this machine
+    (below), else the fixed preference: ``tcmalloc`` where the library is installed,
     else ``huge-pages`` where the kernel's transparent huge pages are in ``madvise``
     mode (in ``always`` mode large blocks get them anyway), else ``default``. A process
     whose ``LD_PRELOAD`` already names an allocator (``*malloc*``) is left as it is,
     and a user's own ``glibc.malloc.hugetlb`` setting is kept.
+
+Which mode is fastest depends on the machine: on one AMD EPYC with AVX-512, tcmalloc
+made the SDPoint mix slower against its FLOPs than huge pages did. So ``auto`` can be
+chosen from measurement::
+
+    python -m sdpoint_jax.bench train --model wrn-16-4 --batch 128 --steps 24 \\
+        --host-memory=all --rounds 3 --record
+
+runs the train benchmark once per available mode and round (each in a child process
+started in that mode, modes alternating) and records the mode whose SDPoint mix step
+was fastest (median over the rounds) in :func:`record_path` (under the project's cache
+directory, one file per host name), with this machine's CPU model, kernel release and
+glibc version (:func:`sdpoint_jax.machine.identity`) and the figures. ``auto`` uses the
+recorded mode while all three still match and the mode is still available
+(:func:`available_modes`); otherwise, or where the record cannot be read (a warning
+says so), the fixed preference. Delete the file to go back to the preference.
+
+Programs report the mode they run in and where it came from (:func:`mode_source`:
+``environment``, ``recorded`` or ``preference``); the benchmarks write both into
+their JSON (``host_memory``, ``host_memory_source``).
 
 Keeping freed memory with glibc itself (``mallopt``: one arena, no ``mmap``, no
 trimming) was tried and is not used: its heap fragmented and kept growing, and one
@@ -56,15 +77,27 @@ import ctypes.util
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import pkgutil
 import platform
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from sdpoint_jax import machine
+from sdpoint_jax.cache_dir import cache_dir
 
 MODE_VARIABLE = "SDPOINT_JAX_HOST_MEMORY"
 MODES = ("auto", "tcmalloc", "huge-pages", "default")
+CONCRETE_MODES = MODES[1:]
+"""The modes a process can run in (``auto`` resolves to one of them)."""
+SOURCE_VARIABLE = "SDPOINT_JAX_HOST_MEMORY_SOURCE"
+"""Set by :func:`restart_with_host_memory` in the restarted process: how its mode was
+chosen (one of :data:`SOURCES`)."""
+SOURCES = ("environment", "recorded", "preference")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 """Library names searched for tcmalloc, in order (``ctypes.util.find_library``)."""
@@ -135,10 +168,82 @@ def requested_mode(environ: Mapping[str, str] = os.environ) -> str:
     return mode
 
 
-def resolved_mode(environ: Mapping[str, str] = os.environ) -> str:
-    """The mode a program started with ``environ`` runs in (``auto`` resolved as in the
-    module docstring); ``ValueError`` for a bad :data:`MODE_VARIABLE`, or for
-    ``tcmalloc`` where it is not installed."""
+def available_modes() -> tuple[str, ...]:
+    """The :data:`CONCRETE_MODES` this machine can run: ``tcmalloc`` where the library is
+    installed, ``huge-pages`` on Linux with glibc where transparent huge pages are in
+    ``madvise`` or ``always`` mode, and ``default``."""
+    linux_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    available = {
+        "tcmalloc": tcmalloc_library() is not None,
+        "huge-pages": linux_glibc and transparent_huge_page_mode() in ("madvise", "always"),
+        "default": True,
+    }
+    return tuple(mode for mode in CONCRETE_MODES if available[mode])
+
+
+def record_path() -> Path:
+    """Where :func:`write_record` keeps this machine's choice:
+    ``<cache dir>/host_memory/<host name>.json`` (:func:`sdpoint_jax.cache_dir.cache_dir`)."""
+    return cache_dir() / "host_memory" / f"{platform.node() or 'localhost'}.json"
+
+
+def write_record(mode: str, figures: Mapping[str, Any]) -> Path:
+    """Records ``mode`` (one of :data:`CONCRETE_MODES`) as this machine's fastest, with
+    :func:`sdpoint_jax.machine.identity` and ``figures`` (what it was chosen from);
+    returns the file."""
+    if mode not in CONCRETE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(CONCRETE_MODES)}; got {mode!r}")
+    path = record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"mode": mode, **machine.identity(), "figures": dict(figures)}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_record(path: Path | None = None) -> dict[str, Any] | None:
+    """The record at ``path`` (default :func:`record_path`), None where there is none;
+    an unreadable or malformed one is None with a warning naming the file."""
+    path = record_path() if path is None else path
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"ignoring the host memory record {path}: {err}", stacklevel=2)
+        return None
+    fields = ("mode", *machine.identity())
+    if not (
+        isinstance(record, dict)
+        and all(isinstance(record.get(field), str) for field in fields)
+        and record["mode"] in CONCRETE_MODES
+    ):
+        warnings.warn(
+            f"ignoring the host memory record {path}: expected a JSON object with "
+            f"{', '.join(fields)} (mode one of {', '.join(CONCRETE_MODES)})",
+            stacklevel=2,
+        )
+        return None
+    return record
+
+
+def recorded_mode() -> str | None:
+    """The recorded mode (:func:`read_record`) where the record's CPU model, kernel
+    release and glibc version are this machine's and the mode is available here; else
+    None."""
+    record = read_record()
+    if record is None:
+        return None
+    if any(record[key] != value for key, value in machine.identity().items()):
+        return None
+    return record["mode"] if record["mode"] in available_modes() else None
+
+
+def resolve(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The mode a program started with ``environ`` runs in and its source (one of
+    :data:`SOURCES`): ``environment`` where :data:`MODE_VARIABLE` names a mode or an
+    allocator is preloaded already, else ``auto`` resolved as in the module docstring,
+    ``recorded`` or ``preference``. ``ValueError`` for a bad :data:`MODE_VARIABLE`, or
+    for ``tcmalloc`` where it is not installed."""
     mode = requested_mode(environ)
     if mode == "tcmalloc" and tcmalloc_library() is None:
         raise ValueError(
@@ -148,17 +253,26 @@ def resolved_mode(environ: Mapping[str, str] = os.environ) -> str:
             f"{', '.join(MODES)}"
         )
     if mode != "auto":
-        return mode
+        return mode, "environment"
+    if allocator_preloaded(environ):
+        return "default", "environment"
     if not (
         platform.system() == "Linux"
         and platform.libc_ver()[0] == "glibc"
         and cpu_backend_expected(environ)
-        and not allocator_preloaded(environ)
     ):
-        return "default"
+        return "default", "preference"
+    recorded = recorded_mode()
+    if recorded is not None:
+        return recorded, "recorded"
     if tcmalloc_library() is not None:
-        return "tcmalloc"
-    return "huge-pages" if transparent_huge_page_mode() == "madvise" else "default"
+        return "tcmalloc", "preference"
+    return ("huge-pages" if transparent_huge_page_mode() == "madvise" else "default"), "preference"
+
+
+def resolved_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """The mode of :func:`resolve`."""
+    return resolve(environ)[0]
 
 
 def with_tcmalloc(environ: Mapping[str, str]) -> dict[str, str]:
@@ -197,10 +311,11 @@ def active_mode(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` without what :func:`environment_for` adds (tcmalloc's preload and
-    settings, the huge-pages tunable), for a child process measured as it runs out of
-    the box."""
-    environ = {key: value for key, value in environ.items() if key not in TCMALLOC_SETTINGS}
+    """``environ`` without what :func:`environment_for` and :func:`restart_with_host_memory`
+    add (tcmalloc's preload and settings, the huge-pages tunable, :data:`SOURCE_VARIABLE`),
+    for a child process measured as it runs out of the box."""
+    dropped = {*TCMALLOC_SETTINGS, SOURCE_VARIABLE}
+    environ = {key: value for key, value in environ.items() if key not in dropped}
     preloads = [entry for entry in _preloads(environ) if "tcmalloc" not in entry]
     tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     tunables = [t for t in tunables if t != HUGE_PAGES_TUNABLE]
@@ -218,7 +333,8 @@ def restart_with_host_memory(program_file: str) -> None:
     """Starts this program again in its host memory mode (:func:`resolved_mode`) where
     its environment lacks it; otherwise returns. Call it first in a program's
     ``__main__`` block, before any work, with the program's ``__file__`` (the process is
-    replaced: same interpreter, arguments and environment plus the mode's variables).
+    replaced: same interpreter, arguments and environment plus the mode's variables and
+    :data:`SOURCE_VARIABLE`).
     Nothing happens unless the process was started as that program (``sys.argv[0]``),
     so running its module inside another program (``runpy`` in a notebook) never
     replaces that process. A bad :data:`MODE_VARIABLE` stops the program with an
@@ -226,11 +342,27 @@ def restart_with_host_memory(program_file: str) -> None:
     if os.path.realpath(sys.argv[0]) != os.path.realpath(program_file):
         return
     try:
-        environ = environment_for(resolved_mode(), os.environ)
+        mode, source = resolve()
     except ValueError as err:
         sys.exit(f"error: {err}")
+    environ = environment_for(mode, os.environ)
     if environ == dict(os.environ):
         return
+    environ[SOURCE_VARIABLE] = source
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def mode_source(environ: Mapping[str, str] = os.environ) -> str:
+    """How the mode of a process with ``environ`` (:func:`active_mode`) was chosen, one
+    of :data:`SOURCES`: :data:`SOURCE_VARIABLE` where a restart set it, else
+    :func:`resolve`'s source where the process runs in the mode it resolves to, else
+    ``environment`` (it runs as it was started)."""
+    if environ.get(SOURCE_VARIABLE) in SOURCES:
+        return environ[SOURCE_VARIABLE]
+    try:
+        mode, source = resolve(environ)
+    except ValueError:
+        return "environment"
+    return source if mode == active_mode(environ) else "environment"

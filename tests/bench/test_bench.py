@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from sdpoint_jax import machine
 from sdpoint_jax.bench import latency
 from sdpoint_jax.bench.__main__ import main
 from sdpoint_jax.bench.train import uniform_flops_fraction
@@ -16,6 +17,7 @@ from sdpoint_jax.core.lowmode import LowMode
 from sdpoint_jax.evaluation.selection import select_instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
+from sdpoint_jax.xla_cpu import host_memory
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 TINY = ["--model", "wrn-10-1", "--dataset", "cifar10"]
@@ -25,7 +27,9 @@ ENVIRONMENT = {
     "dtype": str,
     "device_kind": str,
     "platform": str,
+    "cpu_model": str,
     "host_memory": str,
+    "host_memory_source": str,
 }
 
 
@@ -71,10 +75,15 @@ def test_latency_rows_plot_and_select(tmp_path, tiny_model):
     assert chosen["instance"] == "full"
 
 
-def test_train_runs_and_flops_fractions(tmp_path, tiny_model):
+def test_train_runs_and_flops_fractions(tmp_path, tiny_model, capsys):
     result = main(["train", *TINY, "--batch", "4", "--steps", "3", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "train_bench.json").read_text()) == result
     _check_types(result, ENVIRONMENT)
+    assert result["cpu_model"] == machine.cpu_model()
+    assert result["host_memory"] == host_memory.active_mode()
+    assert result["host_memory_source"] in host_memory.SOURCES
+    header = f"CPU: {result['cpu_model']}; host memory: {result['host_memory']} ("
+    assert header in capsys.readouterr().out
     assert (result["batch"], result["steps"]) == (4, 3)
     runs = {run["name"]: run for run in result["runs"]}
     assert list(runs) == ["full", "cheapest", "mix", "low"]

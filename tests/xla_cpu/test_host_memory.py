@@ -9,9 +9,11 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from sdpoint_jax import machine
 from sdpoint_jax.xla_cpu import host_memory
 
 TCMALLOC = "libtcmalloc_minimal.so.4"
@@ -77,11 +79,13 @@ def test_tcmalloc_reuses_freed_memory_where_glibc_faults_it_in_every_run(glibc_f
     assert min(glibc_faults) > TEMPORARY_SMALL_PAGES / 2
 
 
-# Logs its malloc set-up each time it starts, then restarts where wanted.
+# Logs its malloc set-up (and how the restart chose it) each time it starts, then
+# restarts where wanted.
 RESTARTING_PROGRAM = """
 import os, sys
 with open(sys.argv[1], "a") as log:
-    setup = [os.environ.get(name, "-") for name in ("LD_PRELOAD", "GLIBC_TUNABLES")]
+    names = ("LD_PRELOAD", "GLIBC_TUNABLES", "SDPOINT_JAX_HOST_MEMORY_SOURCE")
+    setup = [os.environ.get(name, "-") for name in names]
     log.write("|".join(setup) + "\\n")
 from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 restart_with_host_memory(os.environ.get("PROGRAM_FILE", __file__))
@@ -103,8 +107,10 @@ def run_restarting_program(tmp_path, **environ: str) -> tuple[list[str], str]:
 @pytest.mark.parametrize(
     "mode, second_start",
     [
-        ("huge-pages", "-|glibc.malloc.check=0:glibc.malloc.hugetlb=1"),
-        pytest.param("tcmalloc", "{tcmalloc}|glibc.malloc.check=0", marks=needs_tcmalloc),
+        ("huge-pages", "-|glibc.malloc.check=0:glibc.malloc.hugetlb=1|environment"),
+        pytest.param(
+            "tcmalloc", "{tcmalloc}|glibc.malloc.check=0|environment", marks=needs_tcmalloc
+        ),
     ],
 )
 def test_a_program_restarts_once_in_its_mode_with_its_arguments(tmp_path, mode, second_start):
@@ -112,18 +118,20 @@ def test_a_program_restarts_once_in_its_mode_with_its_arguments(tmp_path, mode, 
         tmp_path, SDPOINT_JAX_HOST_MEMORY=mode, GLIBC_TUNABLES="glibc.malloc.check=0"
     )
     tcmalloc = host_memory.tcmalloc_library()
-    assert starts == ["-|glibc.malloc.check=0", second_start.format(tcmalloc=tcmalloc)]
+    assert starts == ["-|glibc.malloc.check=0|-", second_start.format(tcmalloc=tcmalloc)]
     assert output == "arguments ['train', '--config.x=1']"
 
 
 @needs_linux_glibc
 def test_auto_mode_restarts_into_the_resolved_mode_at_most_once(tmp_path):
     started = host_memory.default_environment(os.environ)  # as the program starts
-    expected = host_memory.resolved_mode({**started, "JAX_PLATFORMS": "cpu"})
+    expected, source = host_memory.resolve({**started, "JAX_PLATFORMS": "cpu"})
     starts, output = run_restarting_program(tmp_path)
     assert len(starts) == (1 if expected == "default" else 2)
-    last = dict(zip(("LD_PRELOAD", "GLIBC_TUNABLES"), starts[-1].split("|"), strict=True))
+    names = ("LD_PRELOAD", "GLIBC_TUNABLES", host_memory.SOURCE_VARIABLE)
+    last = dict(zip(names, starts[-1].split("|"), strict=True))
     assert host_memory.active_mode({k: v for k, v in last.items() if v != "-"}) == expected
+    assert last[host_memory.SOURCE_VARIABLE] == ("-" if expected == "default" else source)
     assert output == "arguments ['train', '--config.x=1']"
 
 
@@ -154,6 +162,31 @@ def test_a_bad_mode_stops_the_program_naming_the_allowed_values(tmp_path):
     assert (
         "error: SDPOINT_JAX_HOST_MEMORY must be one of auto, tcmalloc, huge-pages, default; "
         "got 'off'" in failure.value.stderr
+    )
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(monkeypatch, tmp_path):
+    """A cache directory of the test's own: no host memory record unless it writes one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@needs_huge_pages
+def test_a_recorded_mode_decides_auto_where_the_preference_would_restart(tmp_path):
+    # the preference here is huge pages (tcmalloc is preferred where installed)
+    preferred = "tcmalloc" if host_memory.tcmalloc_library() else "huge-pages"
+    host_memory.write_record("default", {"measured": "by hand"})
+    starts, _ = run_restarting_program(tmp_path)
+    assert starts == ["-|-|-"]  # runs as started: no restart
+    host_memory.record_path().unlink()
+    (tmp_path / "again").mkdir()
+    starts, _ = run_restarting_program(tmp_path / "again")
+    assert len(starts) == 2 and starts[-1].endswith("|preference")
+    assert (
+        host_memory.active_mode(
+            dict(zip(("LD_PRELOAD", "GLIBC_TUNABLES"), starts[-1].split("|")[:2], strict=True))
+        )
+        == preferred
     )
 
 
@@ -239,3 +272,93 @@ def test_transparent_huge_page_mode_is_read_from_the_kernel_file(tmp_path, monke
     assert host_memory.transparent_huge_page_mode() is None
     mode_file.write_text("always [madvise] never\n")
     assert host_memory.transparent_huge_page_mode() == "madvise"
+
+
+def test_available_modes_follow_the_library_and_the_kernel(linux_with):
+    linux_with(TCMALLOC, "madvise")
+    assert host_memory.available_modes() == ("tcmalloc", "huge-pages", "default")
+    linux_with(None, "always")
+    assert host_memory.available_modes() == ("huge-pages", "default")
+    linux_with(None, "never")
+    assert host_memory.available_modes() == ("default",)
+
+
+def test_a_record_round_trips_and_decides_auto_on_this_machine(linux_with):
+    linux_with(TCMALLOC, "madvise")
+    assert host_memory.read_record() is None
+    figures = {"modes": [{"host_memory": "huge-pages", "mix_step_ms": 2226.0}]}
+    path = host_memory.write_record("huge-pages", figures)
+    assert path == host_memory.record_path()
+    assert path.parent.parent == Path(os.environ["XDG_CACHE_HOME"]) / "sdpoint_jax"
+    assert host_memory.read_record() == {
+        "mode": "huge-pages",
+        **machine.identity(),
+        "figures": figures,
+    }
+    assert machine.identity()["glibc"] == "2.36"  # as the fixture pretends
+    assert host_memory.resolve(CPU) == ("huge-pages", "recorded")
+    # an explicit mode, another backend or a preloaded allocator still win
+    assert host_memory.resolve({**CPU, "SDPOINT_JAX_HOST_MEMORY": "tcmalloc"}) == (
+        "tcmalloc",
+        "environment",
+    )
+    assert host_memory.resolve({"JAX_PLATFORMS": "cuda"}) == ("default", "preference")
+    assert host_memory.resolve({**CPU, "LD_PRELOAD": "libjemalloc.so.2"}) == (
+        "default",
+        "environment",
+    )
+    with pytest.raises(ValueError, match="mode must be one of tcmalloc, huge-pages, default"):
+        host_memory.write_record("auto", {})
+
+
+@pytest.mark.parametrize("field", ["cpu_model", "kernel_release", "glibc"])
+def test_a_record_of_another_machine_falls_back_to_the_preference(linux_with, field):
+    linux_with(TCMALLOC, "madvise")
+    path = host_memory.write_record("huge-pages", {})
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, field: record[field] + "-other"}))
+    assert host_memory.recorded_mode() is None
+    assert host_memory.resolve(CPU) == ("tcmalloc", "preference")
+
+
+@pytest.mark.parametrize(
+    "recorded, tcmalloc, thp_mode, expected",
+    [("tcmalloc", None, "madvise", "huge-pages"), ("huge-pages", None, "never", "default")],
+)
+def test_a_recorded_mode_no_longer_available_falls_back_to_the_preference(
+    linux_with, recorded, tcmalloc, thp_mode, expected
+):
+    linux_with(TCMALLOC, "madvise")
+    host_memory.write_record(recorded, {})
+    linux_with(tcmalloc, thp_mode)
+    assert host_memory.resolve(CPU) == (expected, "preference")
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[]", '{"mode": "fast"}', '{"mode": "default"}', "\xff"]
+)
+def test_a_corrupt_record_is_ignored_with_a_warning(linux_with, text):
+    linux_with(None, "madvise")
+    path = host_memory.record_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.warns(UserWarning, match=f"ignoring the host memory record {path}"):
+        assert host_memory.resolve(CPU) == ("huge-pages", "preference")
+
+
+def test_the_source_reported_is_how_the_running_mode_was_chosen(linux_with):
+    linux_with(None, "madvise")
+    huge = host_memory.environment_for("huge-pages", CPU)
+    assert host_memory.mode_source(huge) == "preference"
+    assert host_memory.mode_source(CPU) == "environment"  # not restarted into huge pages
+    host_memory.write_record("default", {})
+    assert host_memory.mode_source(CPU) == "recorded"
+    assert host_memory.mode_source({**huge, "SDPOINT_JAX_HOST_MEMORY": "huge-pages"}) == (
+        "environment"
+    )
+    assert host_memory.mode_source({**huge, host_memory.SOURCE_VARIABLE: "recorded"}) == (
+        "recorded"
+    )
+    assert host_memory.mode_source({**CPU, "SDPOINT_JAX_HOST_MEMORY": "off"}) == "environment"
+    restarted = {**huge, host_memory.SOURCE_VARIABLE: "preference"}
+    assert host_memory.default_environment(restarted) == CPU
