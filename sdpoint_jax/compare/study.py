@@ -216,21 +216,14 @@ def plot_curves(curves: Mapping[str, Mapping[str, list[float]]], path: Path, tit
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for index, (method, curve) in enumerate(curves.items()):
-        colour = f"C{index % 10}"
-        axes.plot(
-            curve["test_epochs"],
-            curve["test_error"],
-            color=colour,
-            marker="o",
-            label=f"{method} test",
-        )
-        axes.plot(
-            curve["train_epochs"],
-            curve["train_error"],
-            color=colour,
-            linestyle="--",
-            label=f"{method} train",
-        )
+        for split, style in (("test", {"marker": "o"}), ("train", {"linestyle": "--"})):
+            axes.plot(
+                curve[f"{split}_epochs"],
+                curve[f"{split}_error"],
+                color=f"C{index % 10}",
+                label=f"{method} {split}",
+                **style,
+            )
     axes.set_xlabel("epoch")
     axes.set_ylabel("top-1 error (%), mean over seeds")
     axes.set_title(title)
