@@ -225,3 +225,10 @@ def make_batches(seed: int, count: int = NUM_BATCHES, size: int = BATCH) -> list
         }
         for _ in range(count)
     ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The test files marked ``first`` (a minute or more each) run first, in collection
+    order otherwise: a parallel run (whole files to a process, in this order) then does
+    not end with one process alone on one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)

@@ -16,9 +16,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from sdpoint_jax.models import create
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
+
+pytestmark = pytest.mark.first
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "experiments" / "colab.ipynb"

@@ -20,6 +20,8 @@ from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.xla_cpu import host_memory
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
+pytestmark = pytest.mark.first
+
 TINY = ["--model", "wrn-10-1", "--dataset", "cifar10"]
 ENVIRONMENT = {
     "model": str,

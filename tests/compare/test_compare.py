@@ -30,7 +30,7 @@ EVAL_EXAMPLES = 64
 # every method but the low-mode ones (they need config.low_mode: tests/compare/test_seeds.py)
 METHODS = tuple(name for name in BUILDERS if "low" not in name)
 TINY_MSDNET = "msdnet-2-ch4-gr2"  # 2 exits, 3 layers, 3 scales
-pytestmark = needs_cifar10
+pytestmark = [needs_cifar10, pytest.mark.first]
 
 
 def tiny_config(methods: tuple[str, ...]):

@@ -18,7 +18,7 @@ from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run import Run
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
-pytestmark = needs_cifar10
+pytestmark = [needs_cifar10, pytest.mark.first]
 EVAL_SPLIT = "test[:64]"
 
 

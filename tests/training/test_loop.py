@@ -32,7 +32,7 @@ from tests.conftest import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = needs_cifar10
+pytestmark = [needs_cifar10, pytest.mark.first]
 
 
 def test_log_counts_training_seconds_of_the_steps(trained_run):

@@ -23,6 +23,8 @@ import pytest
 
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
+pytestmark = pytest.mark.first
+
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 4
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
