@@ -167,10 +167,13 @@ def test_rounds_alternate_the_modes_and_the_fastest_mix_is_recorded(tmp_path, mo
     assert json.loads((tmp_path / "train_bench_host_memory.json").read_text()) == result
 
 
-def test_compare_two_modes_end_to_end_and_record_the_fastest(
+def test_end_to_end_a_child_runs_in_its_mode_and_the_fastest_is_recorded(
     tmp_path, monkeypatch, capsys, compilation_cache_dir
 ):
-    modes = [mode for mode in ("default", "huge-pages") if mode in host_memory.available_modes()]
+    # one real child, in a mode that changes malloc where the machine has one (several
+    # modes alternated over rounds: test_rounds_alternate_the_modes_...)
+    changing = [mode for mode in host_memory.available_modes() if mode != "default"]
+    modes = changing[:1] or ["default"]
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     # the children compile into (and load from) the session's compilation cache
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache_dir))
