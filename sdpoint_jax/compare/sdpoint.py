@@ -90,6 +90,12 @@ class SDPointMethod(Method):
         instances = list(self.model.space) if self.sdpoint else [Instance.full()]
         return [(instance, mode) for mode in self.bn_modes for instance in instances]
 
+    def full_setting(self, image_size: int) -> SDPointSetting:
+        """The full instance with its own statistics. (Not the most expensive setting:
+        an instance pooling after the last block adds the pooling's FLOPs to the full
+        network's.)"""
+        return Instance.full(), self.bn_modes[0]
+
     def logits(self, variables: Variables, images: jax.Array, setting: SDPointSetting) -> jax.Array:
         instance, mode = setting
         return self._by_mode[mode].apply(variables, images, instance=instance, train=False)

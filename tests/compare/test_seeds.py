@@ -10,6 +10,7 @@ import pytest
 
 from sdpoint_jax.compare.registry import build_method
 from sdpoint_jax.compare.run import plan_runs, run_comparison
+from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.compare.time_to_target import setting_config
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data import pipeline
@@ -174,3 +175,10 @@ def test_the_study_report_summarizes_the_runs(study):
     assert (curve["train_epochs"], curve["test_epochs"]) == ([1.0], [0.4, 0.8, 1.0])
     assert (workdir / "study.csv").is_file()
     assert (workdir / "study_curves.png").stat().st_size > 0
+
+
+def test_sdpoint_monitors_its_full_instance_not_its_most_expensive_setting():
+    method = SDPointMethod("wrn-10-1", 10)  # ratios 0.5 and 0.75
+    last = Instance(method.model.space.num_points, 0.75)
+    assert method.gflops((last, "instance"), 32) > method.gflops((Instance.full(), "instance"), 32)
+    assert method.full_setting(32) == (Instance.full(), "instance")

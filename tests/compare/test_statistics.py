@@ -65,6 +65,8 @@ ROWS = [
         for row in (
             setting("sdpoint", s, "full", 2.0, full),
             setting("sdpoint", s, "1:0.5", 1.0, cheap),
+            # pooling after the last block: the pooling's FLOPs on top of the full network's
+            setting("sdpoint", s, "3:0.75", 2.001, 50.0),
             {**setting("sdpoint", s, "1:0.5", 1.0, 1.0), "curve": "sdpoint-ubn"},  # not counted
             setting("sdpoint", s, "20 passes", 40.0, stochastic, kind="stochastic"),
         )
