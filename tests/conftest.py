@@ -232,10 +232,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order otherwise: a parallel run (whole files to a process, in this order) then does
     not end with one process alone on one of them."""
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
-
-
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``--numprocesses=auto``: one test process more than cores (at most
-    ``--maxprocesses``), since tests spend part of their time waiting for the programs
-    they start."""
-    return (os.cpu_count() or 1) + 1
