@@ -16,6 +16,7 @@ saves the running method's checkpoint and raises :class:`Preempted`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +94,35 @@ def test_error_monitor(method: Method, config: ml_collections.ConfigDict, mesh: 
     ``{MONITOR_METRIC: error}``; the same number :func:`evaluate_method` reports for
     that setting."""
     setting = method.full_setting(pipeline.dataset_spec(config.data.dataset).image_size)
-    predict = jax.jit(
-        lambda variables, images: (
-            jnp.argmax(method.logits(variables, images, setting), -1)[:, None],
-        )
-    )
+    predict = _predictor(method, [setting])
 
     def monitor(state: TrainState) -> dict[str, float]:
         (predicted,), labels = _outputs(
             predict, state.variables, config, mesh, config.data.eval_split, f"monitor {method.name}"
         )
-        return {MONITOR_METRIC: 100.0 * float(np.mean(predicted[:, 0] != labels))}
+        return {MONITOR_METRIC: _top1_error(predicted, labels)}
 
     return monitor
+
+
+def _predictor(
+    method: Method, settings: Sequence[Setting]
+) -> Callable[[Variables, jax.Array], tuple[jax.Array, ...]]:
+    """``fn(variables, images)``: the predicted classes ``(B, 1)`` of ``method`` under each
+    of ``settings`` (a compiled program per setting)."""
+
+    @functools.partial(jax.jit, static_argnames="setting")
+    def predict(variables: Variables, images: jax.Array, setting: Setting) -> jax.Array:
+        return jnp.argmax(method.logits(variables, images, setting), -1)[:, None]
+
+    return lambda variables, images: tuple(
+        predict(variables, images, setting=setting) for setting in settings
+    )
+
+
+def _top1_error(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 error (%) of predicted classes ``(N, 1)`` against ``labels`` ``(N,)``."""
+    return 100.0 * float(np.mean(predicted[:, 0] != labels))
 
 
 def _outputs(
@@ -162,15 +179,13 @@ def evaluate_method(
     settings = list(method.eval_settings())
     placed = parallel.replicate(variables, mesh)
 
-    @functools.partial(jax.jit, static_argnames="setting")
-    def predict(variables: Variables, images: jax.Array, setting: Setting) -> jax.Array:
-        return jnp.argmax(method.logits(variables, images, setting), -1)[:, None]
-
-    def per_setting(variables: Variables, images: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(predict(variables, images, setting=setting) for setting in settings)
-
     predictions, labels = _outputs(
-        per_setting, placed, config, mesh, config.data.eval_split, f"evaluate {method.name}"
+        _predictor(method, settings),
+        placed,
+        config,
+        mesh,
+        config.data.eval_split,
+        f"evaluate {method.name}",
     )
     rows = [
         {
@@ -179,7 +194,7 @@ def evaluate_method(
             "kind": "setting",
             "setting": method.describe(setting),
             "gflops": method.gflops(setting, spec.image_size),
-            "top1_error": 100.0 * float(np.mean(predicted[:, 0] != labels)),
+            "top1_error": _top1_error(predicted, labels),
             "examples": len(labels),
         }
         for setting, predicted in zip(settings, predictions, strict=True)
