@@ -162,6 +162,12 @@ def _cardinality(ds: tf.data.Dataset) -> int:
 
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: tfds.typing.SplitArg) -> int:
+    """Number of examples of ``split`` (a split name, a slice such as ``"train[:10%]"``
+    or a ``tfds.split_for_jax_process`` part): from the data set's metadata where it
+    has split metadata (a prepared data set), else by opening the split (a builder
+    without it, such as ``tfds.testing.mock_data``'s)."""
+    if builder.info.splits:
+        return builder.info.splits[split].num_examples
     return _cardinality(_read_encoded(builder, split, shuffle_seed=None))
 
 
