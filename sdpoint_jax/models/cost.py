@@ -300,12 +300,15 @@ def abstract_exit_variables(model: nn.Module, input_hw: tuple[int, int]) -> Any:
     return jax.eval_shape(init, jax.random.key(0), _image_spec(input_hw))
 
 
+@functools.cache
 def _exit_events(
     model: nn.Module, up_to: int | None, input_hw: tuple[int, int], cascade: bool, conv_taps: str
-) -> list[Event]:
-    variables = abstract_exit_variables(model, tuple(input_hw))  # traced outside the counter
+) -> tuple[Event, ...]:
+    """The traced calls of one abstract pass (cached: a model's costs never change, and
+    evaluation, budgeting and reporting ask for them many times)."""
+    variables = abstract_exit_variables(model, input_hw)  # traced outside the counter
     apply = functools.partial(model.apply, train=False, up_to=up_to, cascade=cascade)
-    return trace_costs(apply, variables, _image_spec(input_hw), conv_taps=conv_taps)
+    return tuple(trace_costs(apply, variables, _image_spec(input_hw), conv_taps=conv_taps))
 
 
 def count_exit_flops(
@@ -326,7 +329,7 @@ def count_exit_flops(
     order (budgeted inference; MSDNet's and IMTA's per-exit costs).
     """
     _check_convention(conv_taps, convention)
-    events = _exit_events(model, exit, input_hw, cascade, conv_taps)
+    events = _exit_events(model, exit, tuple(input_hw), cascade, conv_taps)
     return sum(costs[convention] for _, costs in events)
 
 
@@ -360,7 +363,7 @@ def exit_costs(model: nn.Module, input_hw: tuple[int, int]) -> list[ExitCost]:
     of all exits: the calls a network makes to compute exits ``1..k`` in order are
     those it makes for exit 1, then the further ones for exit 2, ...; the model's
     ``exit_scopes(i)`` names the top-level modules that end exit ``i``."""
-    events = _exit_events(model, None, input_hw, False, "all")
+    events = _exit_events(model, None, tuple(input_hw), False, "all")
     costs = []
     for i in range(1, model.num_exits + 1):
         done = events[: _exit_end(events, model.exit_scopes(i)) + 1]
