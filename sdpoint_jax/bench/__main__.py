@@ -44,7 +44,7 @@ PROGRAM = cli.Program(
         "model": ("latency", "train", "compile"),
         "dtype": ("latency", "train", "compile"),
         "conv-lowering": ("latency", "train", "compile"),
-        "instances": ("latency",),
+        "instances": ("latency", "compile"),
         "repeats": ("latency",),
         "warmup": ("latency", "input"),
         "steps": ("train", "input"),

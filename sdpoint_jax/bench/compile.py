@@ -1,6 +1,7 @@
-"""Compile time of every train-step program: one by one, in parallel, from a warm cache.
+"""Compile time of the train-step programs: one by one, in parallel, from a warm cache.
 
-All ``2N + 1`` train steps of the target (built as training builds them: each key's
+The train steps of the chosen instances (``--instances``; default all ``2N + 1``, which
+must include the full network) of the target (built as training builds them: each key's
 gradient program plus the parameter-update program they share,
 :class:`sdpoint_jax.training.loop.TrainPrograms`) are compiled four times, each time in a fresh
 Python process, so that no run profits from another's in-memory state (JAX's
@@ -24,11 +25,12 @@ directory removed at the end.
 
 ``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
 ``platform``, ``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``,
-``batch``, ``workers``, ``programs`` (``2N + 1``),
+``batch``, ``workers``, ``programs`` (the number of instances, ``2N + 1`` for all),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),
 ``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
 ``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (XLA programs
-read from or written to JAX's cache: ``2N + 1`` gradient programs and the update program))
+read from or written to JAX's cache: a gradient program per instance and the update
+program))
 and ``parallel_over_one`` (parallel seconds / one program's seconds).
 """
 
@@ -40,7 +42,7 @@ import multiprocessing
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +53,7 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.train_steps import TrainSteps
+from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.training.programs import default_compile_workers, enable_compilation_cache
 
@@ -97,7 +100,7 @@ def run_isolated(function: Callable[..., T], *args: Any) -> T:
 
 @dataclasses.dataclass(frozen=True)
 class CompileJob:
-    """Compiling every train-step program of ``target`` at ``batch_size``.
+    """Compiling the train-step programs of ``instances`` of ``target`` at ``batch_size``.
 
     Attributes:
       workers: compile threads (``InstancePrograms.precompile``); ``None`` compiles one
@@ -107,6 +110,7 @@ class CompileJob:
     """
 
     target: options.Target
+    instances: tuple[Instance, ...]
     batch_size: int
     workers: int | None
     cache_dir: str | None
@@ -131,12 +135,12 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
     program_s = {}
     start = time.perf_counter()
     if job.workers is None:
-        for instance in tqdm(model.space, desc="compiling one by one", unit="program"):
+        for instance in tqdm(job.instances, desc="compiling one by one", unit="program"):
             program_start = time.perf_counter()
             programs[instance]  # compiles it
             program_s[str(instance)] = time.perf_counter() - program_start
     else:
-        programs.precompile(model.space, workers=job.workers)
+        programs.precompile(job.instances, workers=job.workers)
     return {
         "seconds": time.perf_counter() - start,
         "program_s": program_s,
@@ -147,16 +151,23 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
 
 
 def benchmark(
-    target: options.Target, num_programs: int, batch_size: int, workers: int
+    target: options.Target, instances: Sequence[Instance], batch_size: int, workers: int
 ) -> dict[str, Any]:
-    """The four runs (``compile_bench.json``'s content)."""
+    """The four runs (``compile_bench.json``'s content); ``instances`` include the full
+    network."""
+    if Instance.full() not in instances:
+        raise UsageError(
+            f"--instances {','.join(map(str, instances))}: include full, whose compile time "
+            "is the one-program reference"
+        )
+    chosen = tuple(instances)
     with tempfile.TemporaryDirectory(prefix="sdpoint_jax_bench_cache_") as root:
         cache_dir = str(Path(root) / "xla")  # executables go beside it, also in root
-        keeping = CompileJob(target, batch_size, workers, cache_dir, keep_executables=True)
+        keeping = CompileJob(target, chosen, batch_size, workers, cache_dir, keep_executables=True)
         jobs = {
-            "one_by_one": ("off", CompileJob(target, batch_size, None, None)),
+            "one_by_one": ("off", CompileJob(target, chosen, batch_size, None, None)),
             "parallel": ("cold", keeping),
-            "warm_cache": ("warm", CompileJob(target, batch_size, workers, cache_dir)),
+            "warm_cache": ("warm", CompileJob(target, chosen, batch_size, workers, cache_dir)),
             "warm_executables": ("executables", keeping),
         }
         results = {}
@@ -178,7 +189,7 @@ def benchmark(
         **results["parallel"]["environment"],
         "batch": batch_size,
         "workers": workers,
-        "programs": num_programs,
+        "programs": len(chosen),
         "one_program_s": one_program_s,
         "program_s": results["one_by_one"]["program_s"],
         "phases": phases,
@@ -190,7 +201,8 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
     """Measures, writes ``compile_bench.json``, prints the table; returns the result."""
     target, model = options.target_from_flags(flag_values)
     batch_size = options.batch_size(flag_values, "compile", DEFAULT_BATCH_SIZE)
-    result = benchmark(target, len(model.space), batch_size, flag_values.workers)
+    instances = options.instances(flag_values, model)
+    result = benchmark(target, instances, batch_size, flag_values.workers)
     path = report.write_json(Path(flag_values.out) / "compile_bench.json", result)
     one = result["one_program_s"]
     table = [

@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.values import zeros_like
-from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
@@ -69,7 +68,6 @@ DEFAULT_BATCH_SIZES = (1, 32, 128)
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
     define = {"flag_values": flag_values}
-    flags.DEFINE_string("instances", "all", "'all' or e.g. 'full,3:0.5'", **define)
     flags.DEFINE_integer("repeats", 20, "timed runs per program", lower_bound=1, **define)
     flags.DEFINE_integer("warmup", 3, "untimed runs first", lower_bound=0, **define)
 
@@ -250,12 +248,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
 def run(flag_values: flags.FlagValues) -> list[Row]:
     """Measures, writes ``latency.json`` and the plot, prints the tables; returns the rows."""
     target, model = options.target_from_flags(flag_values)
-    try:
-        instances = list(dict.fromkeys(model.space.parse_list(flag_values.instances)))
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    if not instances:
-        raise UsageError(f"--instances {flag_values.instances!r} names no instance")
+    instances = options.instances(flag_values, model)
     batches = options.batch_sizes(flag_values, DEFAULT_BATCH_SIZES)
     rows = benchmark(
         target,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from sdpoint_jax.cli import UsageError
+from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data.specs import SPECS
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.xla_cpu.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
@@ -57,10 +58,14 @@ class Target:
 
 
 def define_target_flags(flag_values: flags.FlagValues) -> None:
-    """``--model``, ``--dataset``, ``--dtype``, ``--conv-lowering``, ``--out`` and ``--batch``
-    (read with :func:`batch_sizes` or :func:`batch_size`)."""
+    """``--model``, ``--instances`` (read with :func:`instances`), ``--dataset``,
+    ``--dtype``, ``--conv-lowering``, ``--out`` and ``--batch`` (read with
+    :func:`batch_sizes` or :func:`batch_size`)."""
     define = {"flag_values": flag_values}
     flags.DEFINE_string("model", None, "e.g. wrn-16-1, wrn-28-10, resnet-50", **define)
+    flags.DEFINE_string(
+        "instances", "all", "the model's instances measured: 'all' or e.g. 'full,3:0.5'", **define
+    )
     flags.DEFINE_enum("dataset", "cifar10", sorted(SPECS), "fixes input size and classes", **define)
     flags.DEFINE_enum("dtype", "float32", DTYPES, "compute dtype", **define)
     flags.DEFINE_enum(
@@ -94,6 +99,18 @@ def target_from_flags(flag_values: flags.FlagValues) -> tuple[Target, SDPointMod
         return target, target.create_model()
     except ValueError as err:
         raise UsageError(str(err)) from err
+
+
+def instances(flag_values: flags.FlagValues, model: SDPointModel) -> list[Instance]:
+    """The ``--instances`` of ``model``, in the given order, repeats dropped; an instance
+    outside the model's space, or none at all, is a usage error."""
+    try:
+        chosen = list(dict.fromkeys(model.space.parse_list(flag_values.instances)))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if not chosen:
+        raise UsageError(f"--instances {flag_values.instances!r} names no instance")
+    return chosen
 
 
 class BatchSizesParser(flags.ArgumentParser):

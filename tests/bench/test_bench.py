@@ -112,14 +112,18 @@ def test_train_runs_and_flops_fractions(tmp_path, tiny_model, capsys):
     assert result["uniform_flops_fraction"] == uniform_flops_fraction(tiny_model.space, by_instance)
 
 
-def test_compile_phases_cold_and_warm(tmp_path, tiny_model):
-    argv = ["compile", *TINY, "--batch", "2", "--workers", "2", "--out", str(tmp_path)]
+COMPILED = ("full", "1:0.5")  # two of the model's instances: the phases, at a third of the cost
+
+
+def test_compile_phases_cold_and_warm(tmp_path):
+    instances = ["--instances", ",".join(COMPILED)]
+    argv = ["compile", *TINY, *instances, "--batch", "2", "--workers", "2", "--out", str(tmp_path)]
     result = main(argv)
     assert json.loads((tmp_path / "compile_bench.json").read_text()) == result
     _check_types(result, ENVIRONMENT)
-    programs = len(tiny_model.space)
-    assert result["programs"] == programs == 2 * tiny_model.num_points + 1
-    assert set(result["program_s"]) == {str(inst) for inst in tiny_model.space}
+    programs = len(COMPILED)
+    assert result["programs"] == programs
+    assert set(result["program_s"]) == set(COMPILED)
     assert all(seconds > 0 for seconds in result["program_s"].values())
     assert result["one_program_s"] == result["program_s"]["full"]
     phases = {phase["name"]: phase for phase in result["phases"]}
@@ -199,6 +203,12 @@ def test_latency_order_checks():
         ),
         (["train", *TINY, "--batch", "4", "--repeats", "2"], "--repeats applies to latency only"),
         (["compile", *TINY, "--workers", "0"], "flag --workers=0: 0 is not a positive integer"),
+        (["compile", *TINY, "--instances", "1:0.5,2:0.5"], "--instances 1:0.5,2:0.5: include full"),
+        (["compile", *TINY, "--instances", "4:0.5"], "instance point 4 is out of range"),
+        (
+            ["train", *TINY, "--batch", "4", "--instances", "full"],
+            "--instances applies to latency and compile only",
+        ),
         (
             ["compile", *TINY, "--steps", "2"],
             "--steps applies to train and input only, not to compile",
