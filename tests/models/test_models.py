@@ -11,6 +11,7 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.layers import AdaptivePool, Add, conv
 from sdpoint_jax.core.pooling import adaptive_avg_pool, adaptive_max_pool
 from sdpoint_jax.models import create
+from sdpoint_jax.models.cost import abstract_variables
 from sdpoint_jax.models.preresnet import PreActBlock
 from sdpoint_jax.models.resnet import PostActBlock
 from tests.conftest import init_variables, record_calls
@@ -43,7 +44,7 @@ def _point_input_shapes(model, variables, x):
 @pytest.mark.parametrize(("name", "hw"), SMALL_MODELS)
 def test_every_point_pools_once_to_rounded_size(name, hw):
     model = create(name)
-    variables = init_variables(model, hw, batch=1)
+    variables = abstract_variables(model, hw)
     x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
     assert record_calls(model, variables, x, Instance.full(), AdaptivePool, abstract=True) == []
     stem = model.__class__.__name__ in ("ResNet", "PreResNet")
@@ -70,7 +71,7 @@ def test_point_counts_of_paper_architectures():
 
 def test_points_are_numbered_in_forward_order():
     model = create("wrn-16-1")  # points 1-2 at 16x16, 3-4 at 8x8... (n = 2 per stage)
-    variables = init_variables(model, (32, 32), batch=1)
+    variables = abstract_variables(model, (32, 32))
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     shapes = {p: next(iter(s))[0] for p, s in _point_input_shapes(model, variables, x).items()}
     sizes = [shapes[p][1] for p in sorted(shapes)]
@@ -132,7 +133,7 @@ def test_imagenet_stem_point_is_adaptive_max_pool_of_maxpool_size(size):
 
 def test_stem_point_can_be_turned_off():
     model = create("resnet-18", stem_point=False)
-    variables = init_variables(model, (64, 64), batch=1)
+    variables = abstract_variables(model, (64, 64))
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     ((in_shape, _),) = record_calls(
         model, variables, x, Instance(1, 0.5), AdaptivePool, abstract=True
