@@ -15,13 +15,7 @@ from typing import Any
 from absl import flags
 
 from sdpoint_jax import cli
-from sdpoint_jax.deploy.artifacts import (
-    DEFAULT_PLATFORMS,
-    PLATFORMS,
-    check_platforms,
-    export_run,
-    run_config,
-)
+from sdpoint_jax.deploy.platforms import DEFAULT_PLATFORMS, PLATFORMS, check_platforms
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -47,6 +41,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def export(flag_values: flags.FlagValues) -> dict[str, Any]:
     """Exports the chosen instances; returns the manifest."""
     platforms = check_platforms(flag_values.platforms)
+    from sdpoint_jax.deploy.artifacts import export_run, run_config  # JAX: past the checks
+
     workdir = Path(flag_values.workdir)
     config = run_config(workdir, flag_values.config, flag_values["data-dir"].value)
     return export_run(

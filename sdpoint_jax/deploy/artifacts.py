@@ -49,13 +49,12 @@ import ml_collections
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data.specs import DatasetSpec
 from sdpoint_jax.deploy.loader import FORMAT, MANIFEST
+from sdpoint_jax.deploy.platforms import DEFAULT_PLATFORMS
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training.checkpoint import CheckpointManager
 from sdpoint_jax.training.run_dir import RunDir, Source
 
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-DEFAULT_PLATFORMS = ("cpu", "cuda")
 SWITCHABLE_FILE = "switchable.jaxexport"
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -118,15 +117,6 @@ def export_switchable(
         return jax.lax.switch(level, branches, images)
 
     return _export(switchable, spec, platforms, jax.ShapeDtypeStruct((), jnp.int32))
-
-
-def check_platforms(text: str) -> tuple[str, ...]:
-    """``"cpu,cuda"`` -> ``("cpu", "cuda")``; ``ValueError`` naming an unknown one."""
-    platforms = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [p for p in platforms if p not in PLATFORMS]
-    if unknown or not platforms:
-        raise ValueError(f"platforms must be a comma-separated subset of {PLATFORMS}, got {text!r}")
-    return platforms
 
 
 def measured_errors(

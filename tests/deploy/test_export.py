@@ -14,13 +14,13 @@ import pytest
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data.specs import SPECS
 from sdpoint_jax.deploy.artifacts import (
-    check_platforms,
     export_instance,
     export_switchable,
     measured_errors,
     write_export,
 )
 from sdpoint_jax.deploy.loader import load_exported
+from sdpoint_jax.deploy.platforms import check_platforms
 from sdpoint_jax.evaluation.evaluate import write_results
 from sdpoint_jax.export import main
 from sdpoint_jax.models import create
