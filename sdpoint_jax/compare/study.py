@@ -35,7 +35,7 @@ their downsampled batches. Runs need ``config.compare.monitor``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,34 +45,33 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sdpoint_jax.compare import time_to_target
+from sdpoint_jax.compare.registry import build_method
 from sdpoint_jax.compare.statistics import paired_difference, summarize
 from sdpoint_jax.compare.trainer import MONITOR_METRIC, Row
-from sdpoint_jax.core.instance import Instance
+from sdpoint_jax.data.specs import SPECS
 
 STUDY_JSON = "study.json"
 STUDY_CSV = "study.csv"
 STUDY_PNG = "study_curves.png"
 BASELINE = "baseline"
-FULL_INSTANCE = str(Instance.full())
 RunKey = tuple[str, int]  # (method, seed)
 
 
-def seed_errors(rows: Sequence[Row]) -> dict[tuple[str, str], dict[int, float]]:
+def seed_errors(
+    rows: Sequence[Row], full: Mapping[str, str]
+) -> dict[tuple[str, str], dict[int, float]]:
     """``{(method, quantity): {seed: top-1 error}}`` for the quantities ``full``, ``best``
-    and ``stochastic`` (module docstring) of comparison rows that carry a ``seed``."""
+    and ``stochastic`` (module docstring) of comparison rows that carry a ``seed``;
+    ``full``: each method's full setting as its rows describe it
+    (:func:`full_settings`)."""
     errors: dict[tuple[str, str], dict[int, float]] = {}
     runs = dict.fromkeys((row["method"], row["seed"]) for row in rows)
     for method, seed in runs:
         mine = [row for row in rows if (row["method"], row["seed"]) == (method, seed)]
         settings = [row for row in mine if row["kind"] == "setting" and row["curve"] == method]
         if settings:
-            # SDPoint's full instance, else the most expensive setting (the first of
-            # equals): the setting Method.full_setting names
-            full = next(
-                (row for row in settings if row["setting"] == FULL_INSTANCE),
-                max(settings, key=lambda row: row["gflops"]),
-            )
-            errors.setdefault((method, "full"), {})[seed] = full["top1_error"]
+            at_full = next(row for row in settings if row["setting"] == full[method])
+            errors.setdefault((method, "full"), {})[seed] = at_full["top1_error"]
             best = min(row["top1_error"] for row in settings)
             errors.setdefault((method, "best"), {})[seed] = best
         for row in mine:
@@ -105,13 +104,23 @@ def _evaluated_rows(log: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def full_settings(config: ml_collections.ConfigDict, methods: Iterable[str]) -> dict[str, str]:
+    """``{method: description}`` of each method's
+    :meth:`~sdpoint_jax.compare.method.Method.full_setting` under ``config``."""
+    image_size = SPECS[config.data.dataset].image_size
+    built = {name: build_method(name, config) for name in methods}
+    return {name: m.describe(m.full_setting(image_size)) for name, m in built.items()}
+
+
 def study_table(
     rows: Sequence[Row],
     logs: Mapping[RunKey, Sequence[Mapping[str, Any]]],
+    full: Mapping[str, str],
     targets: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
-    """The study's table (module docstring) from the comparison rows (with ``seed``)
-    and each run's ``train_log.jsonl`` rows.
+    """The study's table (module docstring) from the comparison rows (with ``seed``),
+    each run's ``train_log.jsonl`` rows and each method's full setting (``full``,
+    :func:`full_settings`).
 
     Raises:
       ValueError: a run's log has no monitored test error.
@@ -119,7 +128,7 @@ def study_table(
     runs: dict[str, int] = {}
     for method, _ in logs:
         runs[method] = runs.get(method, 0) + 1
-    errors = seed_errors(rows)
+    errors = seed_errors(rows, full)
     table = [
         _row("top1_error", method, quantity, runs.get(method, len(values)), values)
         for (method, quantity), values in errors.items()
@@ -267,7 +276,8 @@ def write_study(
     targets = ()
     if "time_to_accuracy" in config:
         targets = tuple(float(t) for t in config.time_to_accuracy.accuracy_targets)
-    table = study_table(rows, logs, targets)
+    full = full_settings(config, dict.fromkeys(method for method, _ in run_directories))
+    table = study_table(rows, logs, full, targets)
     curves = learning_curves(logs, steps_per_epoch(config))
     (workdir / STUDY_JSON).write_text(
         json.dumps({"table": table, "curves": curves}, indent=1) + "\n"

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from sdpoint_jax.compare.statistics import paired_difference, summarize, t_interval
-from sdpoint_jax.compare.study import learning_curves, plot_curves, study_table
+from sdpoint_jax.compare.study import full_settings, learning_curves, plot_curves, study_table
+from sdpoint_jax.config import cifar_config
 
 
 def test_summary_is_the_mean_and_sample_standard_deviation():
@@ -74,6 +75,7 @@ ROWS = [
     setting("dropout", 0, "deterministic", 2.0, 41.0),
     setting("dropout", 0, "20 passes", 40.0, 40.0, kind="stochastic"),
 ]
+FULL = {"baseline": "full", "sdpoint": "full", "dropout": "deterministic"}  # full_settings
 
 
 def log(accuracies, evaluations):
@@ -107,7 +109,7 @@ def find(table, section, method, quantity):
 
 
 def test_study_table_from_hand_made_rows_and_logs():
-    table = study_table(ROWS, LOGS, targets=(50.0, 58.0))
+    table = study_table(ROWS, LOGS, FULL, targets=(50.0, 58.0))
     baseline = find(table, "top1_error", "baseline", "full")
     assert (baseline["n"], baseline["runs"], baseline["mean"]) == (3, 3, 42.0)
     assert baseline["std"] == pytest.approx(2.0)
@@ -138,14 +140,14 @@ def test_study_table_from_hand_made_rows_and_logs():
     assert find(table, "time_to_accuracy", "sdpoint", "seconds_to_50")["values"] == [9.0] * 3
     assert find(table, "time_to_accuracy", "sdpoint", "seconds_to_58")["mean"] == 18.0
     assert not [r for r in table if r["section"] == "time_to_accuracy" and r["method"] == "dropout"]
-    unreached = study_table(ROWS, LOGS, targets=(99.0,))
+    unreached = study_table(ROWS, LOGS, FULL, targets=(99.0,))
     assert find(unreached, "time_to_accuracy", "baseline", "seconds_to_99")["n"] == 0
 
 
 def test_study_needs_the_monitored_test_error():
     logs = {("baseline", 0): [{"step": 1, "loss": 1.0, "accuracy": 0.5}]}
     with pytest.raises(ValueError, match=r"baseline \(seed 0\).*compare.monitor = True"):
-        study_table(ROWS, logs)
+        study_table(ROWS, logs, FULL)
 
 
 def test_learning_curves_average_epochs_and_seeds(tmp_path):
@@ -160,3 +162,8 @@ def test_learning_curves_average_epochs_and_seeds(tmp_path):
     assert incomplete["baseline"]["train_epochs"] == [1.0]  # epoch 2 has one step logged
     plot_curves(curves, tmp_path / "curves.png", "title")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_settings_are_the_methods_own():
+    config = cifar_config("wrn-10-1", "cifar10")
+    assert full_settings(config, FULL) == FULL
