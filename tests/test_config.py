@@ -111,6 +111,8 @@ OLD_CHANGES = {
     "cifar10_quick.py": {**_QUICK, "log_every_steps": 10, "precompile": True},
     "compare_msdnet_cifar10_quick.py": {
         **_QUICK,
+        "num_epochs": 1,
+        "lr_drop_epochs": (0.5, 0.75),
         "lr_decay": 0.1,
         "finetune_num_epochs": 1,
         "finetune_lr_drop_epochs": (0.5, 0.75),
