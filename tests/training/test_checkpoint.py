@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +163,26 @@ def test_restore_of_a_missing_step_lists_the_saved_ones(tmp_path: Path) -> None:
             manager.restore({"w": jnp.ones(2), "step": 0}, step=7)
 
 
+def _other_kernel_shape() -> TrainState:
+    return make_state(0, kernel_shape=(5, 10))
+
+
+def _full_statistics_only() -> TrainState:
+    state = make_state(0)
+    return state.replace(batch_stats={"full": state.batch_stats["full"]})
+
+
+# templates are built in the test, not at collection (each draws and compiles arrays)
 @pytest.mark.parametrize(
     ("template", "message"),
     [
         (
-            make_state(0, kernel_shape=(5, 10)),
+            _other_kernel_shape,
             "'params/dense/kernel' has shape (8, 10) in the checkpoint but (5, 10) in the "
             "template (and 1 more",
         ),
         (
-            make_state(0).replace(batch_stats={"full": make_state(0).batch_stats["full"]}),
+            _full_statistics_only,
             "'batch_stats/p1_r0p75/bn1/mean' is in the checkpoint but not in the template "
             "(and 3 more",
         ),
@@ -179,12 +190,12 @@ def test_restore_of_a_missing_step_lists_the_saved_ones(tmp_path: Path) -> None:
     ids=["shape", "structure"],
 )
 def test_restore_onto_a_different_model_names_the_key_path(
-    tmp_path: Path, template: TrainState, message: str
+    tmp_path: Path, template: Callable[[], TrainState], message: str
 ) -> None:
     with CheckpointManager(tmp_path) as manager:
         manager.save(1, make_state(1), config=CONFIG)
         with pytest.raises(CheckpointError, match=re.escape(message)):
-            manager.restore(template)
+            manager.restore(template())
 
 
 def _delete(path: Path) -> None:
