@@ -69,8 +69,11 @@ def tiny_cifar10_config(overrides: Mapping[str, Any] | None = None) -> ml_collec
 
 
 def init_variables(model: SDPointModel, hw: tuple[int, int], batch: int = 2):
+    """``model.init`` (key 0, the full instance) on zero images ``(batch, *hw, 3)``, as
+    one compiled program: eager ``init`` compiles every operation on its own."""
     x = jnp.zeros((batch, *hw, 3), jnp.float32)
-    return model.init(jax.random.key(0), x, instance=Instance.full(), train=False)
+    init = functools.partial(model.init, instance=Instance.full(), train=False)
+    return jax.jit(init)(jax.random.key(0), x)
 
 
 def record_calls(
@@ -188,9 +191,9 @@ BATCH = 8
 NUM_BATCHES = 3
 
 
-def random_variables(model: SDPointModel | nn.Module, seed: int) -> dict:
-    """Variables of ``model`` (an SDPoint model or a network with exits) at ``HW``
-    drawn from ``seed`` without running ``init``:
+def random_variables(model: SDPointModel | nn.Module, seed: int, hw: tuple[int, int] = HW) -> dict:
+    """Variables of ``model`` (an SDPoint model or a network with exits) at ``hw``
+    drawn from ``seed`` without running ``init`` (no program compiles):
     He-scaled kernels, BN scale ~ 1, biases ~ 0, and batch-norm statistics that differ
     from key to key (means N(0, 1), variances U(0.5, 2))."""
     rng = np.random.default_rng(seed)
@@ -208,9 +211,9 @@ def random_variables(model: SDPointModel | nn.Module, seed: int) -> dict:
         return jnp.asarray(value, leaf.dtype)
 
     shapes = (
-        abstract_exit_variables(model, HW)
+        abstract_exit_variables(model, hw)
         if hasattr(model, "num_exits")
-        else abstract_variables(model, HW)
+        else abstract_variables(model, hw)
     )
     return jax.tree_util.tree_map_with_path(draw, shapes)
 

@@ -14,7 +14,7 @@ from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import abstract_variables
 from sdpoint_jax.models.preresnet import PreActBlock
 from sdpoint_jax.models.resnet import PostActBlock
-from tests.conftest import init_variables, record_calls
+from tests.conftest import init_variables, random_variables, record_calls
 
 SMALL_MODELS = [
     ("wrn-10-1", (16, 16)),
@@ -82,7 +82,7 @@ def test_points_are_numbered_in_forward_order():
 
 def test_densenet_points_follow_concatenations_of_all_but_last_block():
     model = create("densenet-bc-10-6")  # 1 layer per block, growth 6: N = 2
-    variables = init_variables(model, (16, 16), batch=1)
+    variables = abstract_variables(model, (16, 16))
     x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
     shapes = {p: next(iter(s))[0] for p, s in _point_input_shapes(model, variables, x).items()}
     # point 1: stem (12 ch) + 6 = 18 at 16x16; point 2: transition (9 ch) + 6 = 15 at 8x8
@@ -99,7 +99,7 @@ def _block_io(model, variables, x, instance, block_type):
 
 def test_post_activation_point_is_before_final_relu():
     model = create("resnet-18")
-    variables = init_variables(model, (64, 64), batch=1)
+    variables = random_variables(model, seed=0)
     x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
     instance = Instance(3, 0.75)
     summed, out = _block_io(model, variables, x, instance, PostActBlock)
@@ -110,7 +110,7 @@ def test_post_activation_point_is_before_final_relu():
 
 def test_pre_activation_point_is_right_after_addition():
     model = create("preresnet-18")
-    variables = init_variables(model, (64, 64), batch=1)
+    variables = random_variables(model, seed=0)
     x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
     summed, out = _block_io(model, variables, x, Instance(4, 0.5), PreActBlock)
     assert summed.shape == (1, 8, 8, 128)  # block 4 = first block of stage 2
@@ -120,7 +120,7 @@ def test_pre_activation_point_is_right_after_addition():
 @pytest.mark.parametrize("size", [64, 96])
 def test_imagenet_stem_point_is_adaptive_max_pool_of_maxpool_size(size):
     model = create("resnet-18")
-    variables = init_variables(model, (size, size), batch=1)
+    variables = random_variables(model, seed=0)
     x = jax.random.normal(jax.random.key(2), (1, size, size, 3))
     ((stem, pooled),) = record_calls(
         model, variables, x, Instance(1, 0.75), AdaptivePool, keep=lambda a, out: (a[0], out)
@@ -171,7 +171,7 @@ def test_invalid_instances_raise_clear_errors(tiny_wrn):
 
 def test_ratio_that_empties_a_map_is_rejected():
     model = create("vgg-11", ratios=(0.2, 0.5))
-    variables = init_variables(model, (32, 32), batch=1)
+    variables = random_variables(model, seed=0, hw=(32, 32))
     with pytest.raises(ValueError, match=r"2x2 map at point 8 to 0x0"):
         model.apply(variables, jnp.ones((1, 32, 32, 3)), instance=Instance(8, 0.2), train=False)
 
