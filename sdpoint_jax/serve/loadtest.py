@@ -2,21 +2,23 @@
 ramps the offered load on a running server and records what it does.
 
 For each mode and each rate (requests per second, in the given order) it sends
-``min(rate x --duration-s, --max-requests)`` requests of one random image each
-(``.npy``, the server's input shape) at Poisson arrival times (an open loop: a request
-does not wait for the one before), then waits for every answer (at most
-``--timeout-s`` each). Modes: ``adaptive`` (the server's controller chooses) and an
+``min(rate x --duration-s, --max-requests)`` requests of ``--images-per-request``
+random images each (``.npy``, the server's input shape; default 1, at most the
+server's ``max_batch``) at Poisson arrival times (an open loop: a request does not wait
+for the one before), then waits for every answer (at most ``--timeout-s`` each). More
+images per request put more of the server's time into the network and less into
+per-request HTTP work. Modes: ``adaptive`` (the server's controller chooses) and an
 instance name such as ``full`` (every request pins it, as a server started with
 ``--instance full`` would serve). Only loopback addresses are accepted.
 
-Per (mode, rate) it records: requests sent, answered (HTTP 200) and failed (any other
-status or a timeout); p50 and p95 latency in ms over every request (a failed one
-counts as infinitely slow); throughput (answered per second, first send to last
-answer); the mix of instances served (share of answers); and the expected top-1 error
-of what was served (the mean over answers of the served instance's error from the
-export's manifest, null where unknown). It writes ``loadtest.csv`` and
-``loadtest.png`` (p95 latency with the server's latency target, and expected error,
-against the offered rate) into ``--out``.
+Per (mode, rate) it records: the images per request; requests sent, answered (HTTP
+200) and failed (any other status or a timeout); p50 and p95 latency in ms over every
+request (a failed one counts as infinitely slow); throughput (answered requests per
+second, first send to last answer); the mix of instances served (share of answers);
+and the expected top-1 error of what was served (the mean over answers of the served
+instance's error from the export's manifest, null where unknown). It writes
+``loadtest.csv`` and ``loadtest.png`` (p95 latency with the server's latency target,
+and expected error, against the offered rate) into ``--out``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_float("timeout-s", 10.0, "longest wait for one answer", lower_bound=0.1, **define)
+    flags.DEFINE_integer(
+        "images-per-request",
+        1,
+        "images in every request (at most the server's max_batch)",
+        lower_bound=1,
+        **define,
+    )
     flags.DEFINE_string("out", ".", "directory for loadtest.csv and loadtest.png", **define)
     flags.DEFINE_integer("seed", 0, "random images and arrival times", **define)
 
@@ -101,6 +110,7 @@ def summarise(
     results: Sequence[tuple[float, dict | None]],
     elapsed_s: float,
     errors: dict[str, float | None],
+    images_per_request: int = 1,
 ) -> Row:
     """One CSV row (module docstring) from ``(latency_ms, answer or None)`` per request;
     ``errors``: the manifest's top-1 error per instance."""
@@ -112,6 +122,7 @@ def summarise(
     return {
         "mode": mode,
         "rate": rate,
+        "images_per_request": images_per_request,
         "sent": len(results),
         "answered": len(answers),
         "failed": len(results) - len(answers),
@@ -219,8 +230,14 @@ def loadtest(flag_values: flags.FlagValues) -> list[Row]:
     for mode in modes:
         if mode != ADAPTIVE and mode not in errors:
             raise ValueError(f"mode {mode!r} is neither 'adaptive' nor one of {list(errors)}")
+    images = flag_values["images-per-request"].value
+    if images > health["max_batch"]:
+        raise ValueError(
+            f"--images-per-request must be at most the server's max_batch "
+            f"({health['max_batch']}), got {images}"
+        )
     rng = np.random.default_rng(flag_values.seed)
-    shape = (1, *health["input_shape"])
+    shape = (images, *health["input_shape"])
     bodies = []
     for _ in range(IMAGE_POOL):
         buffer = io.BytesIO()
@@ -241,7 +258,7 @@ def loadtest(flag_values: flags.FlagValues) -> list[Row]:
                     rng=rng,
                 )
             )
-            row = summarise(mode, rate, results, elapsed, errors)
+            row = summarise(mode, rate, results, elapsed, errors, images)
             rows.append(row)
             print(
                 f"{mode:>9} {rate:>7g}/s: p50 {row['p50_ms']:8.1f} ms, p95 {row['p95_ms']:8.1f} "

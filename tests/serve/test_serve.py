@@ -136,7 +136,13 @@ def metric(text: str, name: str) -> float:
     return float(lines[0].split()[-1])
 
 
-def test_server_end_to_end(export_dir, compilation_cache_dir, tmp_path):
+def images_served(text: str) -> float:
+    """Images classified so far, over every instance, in Prometheus text."""
+    prefix = "sdpoint_images_total{"
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_server_end_to_end(export_dir, compilation_cache_dir, tmp_path, capsys):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_dir)}
@@ -225,15 +231,30 @@ def test_server_end_to_end(export_dir, compilation_cache_dir, tmp_path):
         assert metric(text, 'sdpoint_instance_chosen{instance="1:0.5"}') == 1
         assert metric(text, "sdpoint_queue_depth") == 0
 
-        # a bounded load test on the loopback address, adaptive and pinned to full
+        # a bounded load test on the loopback address, adaptive and pinned to full, with
+        # 2 images in every request
+        served_before = images_served(request(f"{url}/metrics")[1].decode())
         rows = loadtest.main(
             ["--url", url, "--rates", "40", "--duration-s", "0.2", "--out", str(tmp_path)]
+            + ["--images-per-request", "2"]
         )
-        assert [(r["mode"], r["sent"], r["answered"]) for r in rows] == [
-            ("adaptive", 8, 8),
-            ("full", 8, 8),
+        assert [(r["mode"], r["images_per_request"], r["sent"], r["answered"]) for r in rows] == [
+            ("adaptive", 2, 8, 8),
+            ("full", 2, 8, 8),
         ]
         assert rows[1]["mix"] == "full=1.000" and rows[1]["expected_top1_error"] == 10.0
+        assert images_served(request(f"{url}/metrics")[1].decode()) == served_before + 2 * 16
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            loadtest.main(
+                ["--url", url, "--rates", "40", "--out", str(tmp_path)]
+                + ["--images-per-request", str(MAX_BATCH + 1)]
+            )
+        assert exited.value.code == 1
+        assert capsys.readouterr().err == (
+            f"error: --images-per-request must be at most the server's max_batch ({MAX_BATCH}), "
+            f"got {MAX_BATCH + 1}\n"
+        )
         with open(tmp_path / "loadtest.csv", newline="") as file:
             assert [line["mode"] for line in csv.DictReader(file)] == ["adaptive", "full"]
         assert (tmp_path / "loadtest.png").stat().st_size > 0
