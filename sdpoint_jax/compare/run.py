@@ -80,6 +80,15 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Me
     return runs
 
 
+def _plot_title(config: ml_collections.ConfigDict, rows: list[Row]) -> str:
+    """The networks behind the curves and the data set: ``config.model.name`` (SDPoint
+    and the methods built on it) and, where MSDNet methods ran, ``config.compare.msdnet``."""
+    networks = [config.model.name]
+    if any(row["method"].startswith("msdnet") for row in rows):
+        networks.append(config.compare.msdnet)
+    return f"{' and '.join(networks)} on {config.data.dataset}"
+
+
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Row]:
     """Trains and evaluates every run of :func:`plan_runs` in ``workdir``.
 
@@ -109,7 +118,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> li
         done.write_text(json.dumps(method_rows, indent=1) + "\n")
         rows += method_rows
     write_csv(rows, workdir / COMPARE_CSV)
-    plot_compare(rows, workdir / COMPARE_PNG, title=f"{config.model.name} on {config.data.dataset}")
+    plot_compare(rows, workdir / COMPARE_PNG, title=_plot_title(config, rows))
     if config.compare.seeds is not None and config.compare.monitor:
         directories = {(run.method.name, run.seed): run.directory for run in runs}
         write_study(config, workdir, rows, directories)
