@@ -30,7 +30,12 @@ class Method(Trainee):
 
     Attributes:
       name: short name used in ``compare.csv`` and the plot legend (e.g. ``"sdpoint"``).
+      architecture: config fields (dotted paths) that fix the network, where a method
+        declares them (a phase II checks them against its phase I's checkpoint; the
+        comparison plot's title names the networks they give); none by default.
     """
+
+    architecture: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def eval_settings(self) -> Sequence[Setting]:

@@ -15,6 +15,7 @@ from sdpoint_jax.compare.registry import build_method
 from sdpoint_jax.compare.report import COMPARE_CSV, COMPARE_PNG, plot_compare
 from sdpoint_jax.compare.study import write_study
 from sdpoint_jax.compare.trainer import Row, evaluate_method, train_method
+from sdpoint_jax.config import get_field
 from sdpoint_jax.evaluation.evaluate import write_csv
 from sdpoint_jax.training import parallel
 
@@ -80,12 +81,12 @@ def plan_runs(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Me
     return runs
 
 
-def _plot_title(config: ml_collections.ConfigDict, rows: list[Row]) -> str:
-    """The networks behind the curves and the data set: ``config.model.name`` (SDPoint
-    and the methods built on it) and, where MSDNet methods ran, ``config.compare.msdnet``."""
-    networks = [config.model.name]
-    if any(row["method"].startswith("msdnet") for row in rows):
-        networks.append(config.compare.msdnet)
+def _plot_title(config: ml_collections.ConfigDict, methods: list[Method]) -> str:
+    """The networks behind the curves and the data set: ``config.model.name`` and every
+    other network a method's :attr:`~Method.architecture` names (``compare.msdnet``
+    where MSDNet ran)."""
+    fields = ["model.name", *(path for method in methods for path in method.architecture)]
+    networks = dict.fromkeys(get_field(config, path) for path in fields if path != "data.dataset")
     return f"{' and '.join(networks)} on {config.data.dataset}"
 
 
@@ -118,7 +119,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> li
         done.write_text(json.dumps(method_rows, indent=1) + "\n")
         rows += method_rows
     write_csv(rows, workdir / COMPARE_CSV)
-    plot_compare(rows, workdir / COMPARE_PNG, title=_plot_title(config, rows))
+    plot_compare(
+        rows, workdir / COMPARE_PNG, title=_plot_title(config, [run.method for run in runs])
+    )
     if config.compare.seeds is not None and config.compare.monitor:
         directories = {(run.method.name, run.seed): run.directory for run in runs}
         write_study(config, workdir, rows, directories)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sdpoint_jax.compare.registry import BUILDERS, build_method
-from sdpoint_jax.compare.run import run_comparison
+from sdpoint_jax.compare.run import _plot_title, run_comparison
 from sdpoint_jax.compare.sdpoint import SDPointMethod
 from sdpoint_jax.compare.trainer import Preempted, train_method
 from sdpoint_jax.compare.two_phase import FineTuneMethod, phase_two_config
@@ -109,6 +109,13 @@ def test_rerun_skips_finished_methods(comparison, tmp_path):
     mtime = rows_file.stat().st_mtime_ns
     assert run_comparison(config, tmp_path) == first
     assert rows_file.stat().st_mtime_ns == mtime
+
+
+def test_the_plot_title_names_every_network_that_ran():
+    config = tiny_config(("sdpoint", "ee", "msdnet-imta"))
+    methods = [build_method(name, config) for name in config.compare.methods]
+    assert _plot_title(config, methods) == f"wrn-10-1 and {TINY_MSDNET} on cifar10"
+    assert _plot_title(config, methods[:2]) == "wrn-10-1 on cifar10"
 
 
 def test_unknown_method_is_rejected_before_training(tmp_path):
