@@ -110,10 +110,11 @@ def summarise(
     results: Sequence[tuple[float, dict | None]],
     elapsed_s: float,
     errors: dict[str, float | None],
-    images_per_request: int = 1,
+    images_per_request: int,
 ) -> Row:
-    """One CSV row (module docstring) from ``(latency_ms, answer or None)`` per request;
-    ``errors``: the manifest's top-1 error per instance."""
+    """One CSV row (module docstring) from ``(latency_ms, answer or None)`` per request
+    of ``images_per_request`` images; ``errors``: the manifest's top-1 error per
+    instance."""
     latencies = np.array([ms if answer is not None else np.inf for ms, answer in results])
     answers = [answer for _, answer in results if answer is not None]
     mix = Counter(answer["instance"] for answer in answers)
