@@ -13,7 +13,9 @@ instance name such as ``full`` (every request pins it, as a server started with
 
 Per (mode, rate) it records: the images per request; requests sent, answered (HTTP
 200) and failed (any other status or a timeout); p50 and p95 latency in ms over every
-request (a failed one counts as infinitely slow); throughput (answered requests per
+request (a failed one counts as infinitely slow); the p95 of the latency the server
+itself reports for the answered ones (from receiving a request to answering it, so the
+rest of the p95 is HTTP and the client); throughput (answered requests per
 second, first send to last answer); the mix of instances served (share of answers);
 and the expected top-1 error of what was served (the mean over answers of the served
 instance's error from the export's manifest, null where unknown). It writes
@@ -129,6 +131,11 @@ def summarise(
         "failed": len(results) - len(answers),
         "p50_ms": float(np.percentile(latencies, 50)),
         "p95_ms": float(np.percentile(latencies, 95)),
+        "server_p95_ms": (
+            float(np.percentile([answer["latency_ms"] for answer in answers], 95))
+            if answers
+            else None
+        ),
         "throughput": len(answers) / elapsed_s,
         "mix": ";".join(
             f"{name}={count / len(answers):.3f}" for name, count in sorted(mix.items())
@@ -263,7 +270,8 @@ def loadtest(flag_values: flags.FlagValues) -> list[Row]:
             rows.append(row)
             print(
                 f"{mode:>9} {rate:>7g}/s: p50 {row['p50_ms']:8.1f} ms, p95 {row['p95_ms']:8.1f} "
-                f"ms, {row['throughput']:7.1f}/s answered, {row['failed']} failed, "
+                f"ms (in the server {row['server_p95_ms'] or float('nan'):.1f}), "
+                f"{row['throughput']:7.1f}/s answered, {row['failed']} failed, "
                 f"served {row['mix']}",
                 flush=True,
             )
