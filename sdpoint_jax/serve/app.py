@@ -71,7 +71,7 @@ async def classify(request: web.Request) -> web.Response:
     except BadRequest as err:
         return _refuse(metrics, err.status, err.kind, str(err))
     try:
-        served = await app[BATCHER].submit(checked.images, checked.allowed)
+        served = await app[BATCHER].submit(checked.images, checked.allowed, received)
     except RuntimeError as err:
         return _refuse(metrics, 503, "internal", str(err))
     except Exception as err:  # a failed batch: the request is answered, the server stays

@@ -8,6 +8,11 @@ requests allow, the batch is padded to its power-of-two bucket and runs on a wor
 thread (the event loop keeps accepting requests meanwhile), and each request gets its
 rows. One batch runs at a time. :meth:`Batcher.close` serves every request already
 queued, then stops.
+
+The controller plans with the arrival rate (the images submitted over the last
+``ARRIVAL_WINDOW_S`` seconds, divided by that window) and with the latency table scaled
+by how much slower recent batches ran than it says
+(:class:`sdpoint_jax.serve.controller.Slowdown`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import time
 
 import numpy as np
 
-from sdpoint_jax.serve.controller import Level, bucket_size, choose
+from sdpoint_jax.serve.controller import Level, Slowdown, bucket_size, choose
 from sdpoint_jax.serve.engine import Engine
 from sdpoint_jax.serve.metrics import Metrics
+
+ARRIVAL_WINDOW_S = 1.0
 
 
 @dataclasses.dataclass
@@ -58,17 +65,22 @@ class Batcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._task = asyncio.get_running_loop().create_task(self._serve())
         self._last_choice: str | None = None
+        self._arrivals: collections.deque[tuple[float, int]] = collections.deque()
+        self._slowdown = Slowdown()
 
     @property
     def queued_images(self) -> int:
         return sum(len(pending.images) for pending in self._queue)
 
-    async def submit(self, images: np.ndarray, allowed: tuple[str, ...]) -> Served:
-        """Queues ``images`` ``(n, H, W, 3)``, servable by the instances ``allowed``."""
+    async def submit(self, images: np.ndarray, allowed: tuple[str, ...], received: float) -> Served:
+        """Queues ``images`` ``(n, H, W, 3)``, servable by the instances ``allowed``,
+        of a request received at ``received`` (``time.perf_counter()``): its wait, for
+        the controller, includes the time spent reading and checking it."""
         if self._closing:
             raise RuntimeError("the server is shutting down")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, allowed, time.perf_counter(), future))
+        self._queue.append(_Pending(images, allowed, received, future))
+        self._arrivals.append((received, len(images)))
         self.metrics.queue_depth.set(self.queued_images)
         self._arrival.set()
         return await future
@@ -84,6 +96,13 @@ class Batcher:
         self.drain()
         await self._task
         self._executor.shutdown()
+
+    def _arriving_per_ms(self) -> float:
+        """Images submitted per millisecond over the last ``ARRIVAL_WINDOW_S``."""
+        since = time.perf_counter() - ARRIVAL_WINDOW_S
+        while self._arrivals and self._arrivals[0][0] < since:
+            self._arrivals.popleft()
+        return sum(n for _, n in self._arrivals) / (1e3 * ARRIVAL_WINDOW_S)
 
     async def _wait_for_arrival(self, timeout: float | None) -> None:
         self._arrival.clear()
@@ -122,14 +141,18 @@ class Batcher:
             batch = self._batch(head)
             images = np.concatenate([pending.images for pending in batch])
             bucket = bucket_size(len(images), self.engine.max_batch)
+            arriving_per_ms = self._arriving_per_ms()
+            self.metrics.arrival_rate.set(1e3 * arriving_per_ms)
+            self.metrics.slowdown.set(self._slowdown.factor())
             level = choose(
                 [level for level in self.engine.levels if level.name in head.allowed],
-                self.engine.latency_ms,
+                self._slowdown.scale(self.engine.latency_ms, time.perf_counter()),
                 bucket=bucket,
                 queued=self.queued_images,
                 waited_ms=1e3 * (time.perf_counter() - head.arrived),
                 slo_ms=self.slo_ms,
                 max_batch=self.engine.max_batch,
+                arriving_per_ms=arriving_per_ms,
             )
             self.metrics.queue_depth.set(self.queued_images)
             if level.name != self._last_choice:
@@ -139,6 +162,7 @@ class Batcher:
                     flush=True,
                 )
                 self._last_choice = level.name
+            started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(
                     self._executor, self.engine.run, level.name, images, bucket
@@ -147,6 +171,13 @@ class Batcher:
                 for pending in batch:
                     pending.future.set_exception(err)
                 continue
+            finished = time.perf_counter()
+            self._slowdown.observe(
+                level.name,
+                self.engine.latency_ms[level.name, bucket],
+                1e3 * (finished - started),
+                finished,
+            )
             self.metrics.served(level.name, len(images))
             start = 0
             for pending in batch:

@@ -10,14 +10,38 @@ export's manifest; where the manifest has no errors, the costlier instance count
 the more accurate) whose predicted time of both is within the latency target
 ``slo_ms``; if none is, the one that empties the queue soonest. ``L(i, b)`` is a tail
 latency (90th percentile) of one batch of ``b`` images, from ``latency.json`` or
-measured at start-up. So under light load the full network serves; as the queue grows
-cheaper instances do, and the full network again once it drains.
+measured at start-up.
+
+Requests keep arriving while the chosen instance runs, at ``arriving_per_ms`` images
+per millisecond. The ``n_1 = round(arriving_per_ms * D_0)`` images that arrive during
+the ``D_0`` ms it takes to serve this batch and the queue form the next round: the first
+of them waits up to ``D_0`` and then the ``D_1`` ms that the same instance takes to
+serve all ``n_1``; during ``D_1`` another ``n_2`` arrive, and so on. An instance also
+needs ``D_k + D_(k+1)`` within the target for the next ``LOOKAHEAD_ROUNDS`` rounds
+(stopping early once a round receives no image). An instance that cannot keep up with
+the arrivals fails this, because its rounds grow, even where it serves the batch in hand
+in time. So under light load the most accurate instance serves; as the load grows
+cheaper instances do, and the most accurate one again once it falls.
+
+Under load the programs run slower than when they were timed alone (request handling
+and the clients share the cores), and a table measured at start-up on a busy machine
+can be off for one instance: :class:`Slowdown` tracks the median ratio of measured to
+tabled batch latency over recent batches, per instance, and the server scales the
+table by it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+LOOKAHEAD_ROUNDS = 8
+RECENT_BATCHES = 32
+RECENT_S = 10.0
+OWN_BATCHES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +52,47 @@ class Level:
     name: str
     gflops: float
     top1_error: float | None
+
+
+class Slowdown:
+    """How much slower each instance's batches run now than the latency table says.
+
+    An instance's factor is the median of ``measured / tabled`` over its batches of the
+    last ``RECENT_S`` seconds (at most ``RECENT_BATCHES``), once it has at least
+    ``OWN_BATCHES`` of them; otherwise the median over the last ``RECENT_BATCHES``
+    batches of any instance; 1 before any batch. The first corrects a table entry
+    measured badly at start-up, the second the load that every program shares.
+    """
+
+    def __init__(self) -> None:
+        self._any: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
+        self._own: dict[str, collections.deque[tuple[float, float]]] = {}
+
+    def observe(self, name: str, tabled_ms: float, measured_ms: float, at: float) -> None:
+        """Records one batch of instance ``name`` that the table put at ``tabled_ms``
+        and that took ``measured_ms``, finishing at time ``at`` (seconds)."""
+        if not tabled_ms > 0:
+            raise ValueError(f"tabled latency must be > 0 ms, got {tabled_ms}")
+        ratio = measured_ms / tabled_ms
+        self._any.append(ratio)
+        own = self._own.setdefault(name, collections.deque(maxlen=RECENT_BATCHES))
+        own.append((at, ratio))
+
+    def factor(self, name: str | None = None, now: float | None = None) -> float:
+        """Instance ``name``'s factor at time ``now`` (class docstring); without
+        ``name``, the factor over every instance."""
+        if name is not None and now is not None:
+            own = [ratio for at, ratio in self._own.get(name, ()) if at >= now - RECENT_S]
+            if len(own) >= OWN_BATCHES:
+                return float(np.median(own))
+        return float(np.median(self._any)) if self._any else 1.0
+
+    def scale(
+        self, latency_ms: Mapping[tuple[str, int], float], now: float
+    ) -> dict[tuple[str, int], float]:
+        """``latency_ms`` with each instance's entries multiplied by its factor."""
+        factors = {name: self.factor(name, now) for name, _ in latency_ms}
+        return {(name, batch): factors[name] * ms for (name, batch), ms in latency_ms.items()}
 
 
 def bucket_size(images: int, max_batch: int) -> int:
@@ -79,6 +144,7 @@ def choose(
     waited_ms: float,
     slo_ms: float,
     max_batch: int,
+    arriving_per_ms: float = 0.0,
 ) -> Level:
     """The level that serves the next batch (module docstring).
 
@@ -91,12 +157,48 @@ def choose(
       waited_ms: how long the oldest request of this batch has waited.
       slo_ms: the latency target.
       max_batch: the largest batch.
+      arriving_per_ms: the rate at which images arrive, per millisecond (0: no
+        look-ahead).
     """
     if not levels:
         raise ValueError("the controller needs at least one instance to choose from")
+    if arriving_per_ms < 0:
+        raise ValueError(f"arriving_per_ms must be >= 0, got {arriving_per_ms}")
     for level in by_accuracy(levels):
-        if waited_ms + predicted_ms(latency_ms, level.name, bucket, queued, max_batch) <= slo_ms:
+        drain_ms = predicted_ms(latency_ms, level.name, bucket, queued, max_batch)
+        if waited_ms + drain_ms <= slo_ms and _keeps_up(
+            latency_ms, level.name, drain_ms, arriving_per_ms, slo_ms, max_batch
+        ):
             return level
     return min(
         levels, key=lambda level: predicted_ms(latency_ms, level.name, bucket, queued, max_batch)
     )
+
+
+def _keeps_up(
+    latency_ms: Mapping[tuple[str, int], float],
+    name: str,
+    drain_ms: float,
+    arriving_per_ms: float,
+    slo_ms: float,
+    max_batch: int,
+) -> bool:
+    """Whether instance ``name`` serves each of the next ``LOOKAHEAD_ROUNDS`` rounds of
+    arrivals within ``slo_ms`` of the start of the round before (module docstring),
+    the first round arriving during the ``drain_ms`` of the batch in hand."""
+    previous_ms = drain_ms
+    for _ in range(LOOKAHEAD_ROUNDS):
+        arriving = round(arriving_per_ms * previous_ms)
+        if not arriving:
+            return True
+        round_ms = predicted_ms(
+            latency_ms,
+            name,
+            bucket_size(min(arriving, max_batch), max_batch),
+            max(arriving - max_batch, 0),
+            max_batch,
+        )
+        if previous_ms + round_ms > slo_ms:
+            return False
+        previous_ms = round_ms
+    return True

@@ -10,7 +10,10 @@ Each server has a registry of its own (several may run in one process):
 * ``sdpoint_batches_total{instance}`` and ``sdpoint_images_total{instance}``: what
   the controller chose, and ``sdpoint_instance_chosen{instance}`` (1 for the latest
   batch's instance, 0 for the others);
-* ``sdpoint_queue_depth``: images waiting for a batch.
+* ``sdpoint_queue_depth``: images waiting for a batch;
+* ``sdpoint_arrival_images_per_second``: the arrival rate the controller last planned
+  with; ``sdpoint_latency_slowdown``: how much slower than the latency table recent
+  batches of any instance ran (:class:`sdpoint_jax.serve.controller.Slowdown`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ class Metrics:
             "sdpoint_instance_chosen", "1 for the latest batch's instance", ["instance"], **registry
         )
         self.queue_depth = Gauge("sdpoint_queue_depth", "images waiting for a batch", **registry)
+        self.arrival_rate = Gauge(
+            "sdpoint_arrival_images_per_second", "arrival rate planned with", **registry
+        )
+        self.slowdown = Gauge(
+            "sdpoint_latency_slowdown", "recent batch latency over the table's", **registry
+        )
+        self.slowdown.set(1.0)
         self._instances = tuple(instances)
         for name in self._instances:
             self.chosen.labels(name).set(0)

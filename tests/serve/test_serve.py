@@ -27,7 +27,16 @@ from sdpoint_jax.deploy.artifacts import write_export
 from sdpoint_jax.deploy.loader import load_exported
 from sdpoint_jax.models import create
 from sdpoint_jax.serve import loadtest
-from sdpoint_jax.serve.controller import Level, bucket_size, buckets, choose, predicted_ms
+from sdpoint_jax.serve.controller import (
+    RECENT_BATCHES,
+    RECENT_S,
+    Level,
+    Slowdown,
+    bucket_size,
+    buckets,
+    choose,
+    predicted_ms,
+)
 from tests.conftest import random_variables
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +74,45 @@ def test_controller_chooses_the_most_accurate_instance_within_the_target():
     ).name == ("2:0.5")
     with pytest.raises(ValueError, match="at least one instance"):
         choose([], LATENCY, bucket=1, queued=0, waited_ms=0, slo_ms=1, max_batch=4)
+
+
+def test_controller_looks_ahead_at_the_requests_arriving_meanwhile():
+    # 1 image/ms: full serves this batch in 8 ms, the 8 arriving meanwhile in 8 + 8 more
+    # (8 + 16 > 20); (2, 0.5) serves each round of 4 in 4 ms
+    assert pick(slo_ms=20.0) == "full"
+    assert pick(slo_ms=20.0, arriving_per_ms=1.0) == "2:0.5"
+    # 1.25 images/ms: full passes the first round (8 ms, then 10 images in 8 + 8 + 6:
+    # 8 + 22 <= 30) but not the second (28 images in 56 ms); (2, 0.5) serves 4 images
+    # per 4 ms, 1 per ms, so its rounds grow too; (1, 0.5) keeps up
+    assert pick(slo_ms=30.0, arriving_per_ms=1.25) == "1:0.5"
+    assert pick(slo_ms=30.0, arriving_per_ms=0.25) == "full"  # 2 per round: 8 + 6
+    with pytest.raises(ValueError, match="arriving_per_ms must be >= 0, got -1"):
+        pick(arriving_per_ms=-1.0)
+
+
+def test_slowdown_scales_the_table_by_recent_batches_per_instance():
+    slowdown = Slowdown()
+    assert slowdown.factor() == 1.0 and slowdown.scale(LATENCY, now=0.0) == LATENCY
+    for tabled, measured in ((10.0, 30.0), (4.0, 4.8), (2.0, 1.0)):  # ratios 3, 1.2, 0.5
+        slowdown.observe("full", tabled, measured, at=0.0)
+    slowdown.observe("1:0.5", 2.0, 2.0, at=0.5)  # ratio 1
+    # fewer than OWN_BATCHES of its own: the median over all (3, 1.2, 0.5, 1)
+    assert slowdown.factor("full", 0.5) == slowdown.factor() == pytest.approx(1.1)
+    slowdown.observe("full", 8.0, 24.0, at=1.0)  # ratio 3; its own 4: 3, 1.2, 0.5, 3
+    assert slowdown.factor("full", now=1.0) == pytest.approx(2.1)
+    assert slowdown.factor("1:0.5", now=1.0) == slowdown.factor() == pytest.approx(1.2)
+    scaled = slowdown.scale(LATENCY, now=1.0)
+    assert scaled["full", 4] == pytest.approx(8.0 * 2.1)
+    assert scaled["1:0.5", 4] == pytest.approx(2.0 * 1.2)
+    # its own batches count for RECENT_S seconds, then the median over all again
+    assert slowdown.factor("full", now=RECENT_S) == pytest.approx(2.1)
+    assert slowdown.factor("full", now=0.5 + RECENT_S) == pytest.approx(1.2)
+    for _ in range(RECENT_BATCHES):  # only the latest batches of any instance count
+        slowdown.observe("2:0.5", 5.0, 5.0, at=2.0)
+    assert slowdown.factor() == slowdown.factor("1:0.5", 2.0) == 1.0
+    assert slowdown.factor("full", 2.0) == pytest.approx(2.1)
+    with pytest.raises(ValueError, match=r"tabled latency must be > 0 ms, got 0\.0"):
+        slowdown.observe("full", 0.0, 1.0, at=3.0)
 
 
 def test_buckets_are_powers_of_two():
@@ -243,7 +291,13 @@ def test_server_end_to_end(export_dir, compilation_cache_dir, tmp_path, capsys):
             ("full", 2, 8, 8),
         ]
         assert rows[1]["mix"] == "full=1.000" and rows[1]["expected_top1_error"] == 10.0
-        assert images_served(request(f"{url}/metrics")[1].decode()) == served_before + 2 * 16
+        # the server's own latency is part of the one the client sees
+        assert all(0 < row["server_p95_ms"] <= row["p95_ms"] for row in rows)
+        text = request(f"{url}/metrics")[1].decode()
+        assert images_served(text) == served_before + 2 * 16
+        # what the controller planned the last batch with: images arriving, table scale
+        assert metric(text, "sdpoint_arrival_images_per_second") > 0
+        assert metric(text, "sdpoint_latency_slowdown") > 0
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             loadtest.main(
