@@ -43,11 +43,8 @@ from sdpoint_jax.training.run import create_optimizer, initial_state
 from sdpoint_jax.training.steps import train_programs
 from sdpoint_jax.training.trainee import SDPointTrainee
 from sdpoint_jax.xla_cpu import host_memory
-from sdpoint_jax.xla_cpu.conv_lowering import (
-    CONV_LOWERINGS,
-    inference_compiler_options,
-    resolve_conv_lowering,
-)
+from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
+from sdpoint_jax.xla_cpu.conv_lowering import CONV_LOWERINGS, resolve_conv_lowering
 
 HERE = Path(__file__).resolve().parent
 

@@ -93,6 +93,7 @@ ADDED_FIELDS = {
     "compare.monitor": False,
     "compare.seeds": None,
     "compare.single_seed_methods": (),
+    "compile.cpu_optimization_level": None,
 }
 _QUICK = {"checkpoint_every_steps": 200, "lr_drop_epochs": (1.0, 1.5), "num_epochs": 2}
 _DENSENET = {"batch_size": 64, "lr_decay": 0.1, "weight_decay": 0.0001}

@@ -23,7 +23,8 @@ Times are wall-clock seconds from the first program to the last (tracing, loweri
 compiling or loading), after the backend has started. The caches are in a temporary
 directory removed at the end.
 
-``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``,
+``compile_bench.json``: ``model``, ``dataset``, ``dtype``, ``conv_lowering``,
+``cpu_optimization_level``, ``device_kind``,
 ``platform``, ``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``,
 ``batch``, ``workers``, ``programs`` (the number of instances, ``2N + 1`` for all),
 ``one_program_s`` (the full instance), ``program_s`` (instance -> seconds, one by one),

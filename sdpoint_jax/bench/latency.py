@@ -41,7 +41,7 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
 from sdpoint_jax.training.run_dir import RunDir
-from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
+from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
 
 Row = dict[str, Any]
 

@@ -22,12 +22,14 @@ class Target:
     """What a benchmark measures: a model, the data set fixing its input size and
     classes, the compute dtype (parameters stay float32) and the convolution lowering
     of its train-step programs (``"auto"``: the fast one for the backend; inference
-    programs run XLA's convolutions)."""
+    programs run XLA's convolutions) and their XLA:CPU backend optimisation level
+    (``None``: XLA's default)."""
 
     model_name: str
     dataset: str
     dtype: str
     conv_lowering: str = "auto"
+    cpu_optimization_level: int | None = None
 
     @property
     def image_size(self) -> int:
@@ -47,19 +49,21 @@ class Target:
             dtype=jnp.dtype(self.dtype),
         )
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[str, str | int | None]:
         """The ``model``, ``dataset``, ``dtype`` and resolved ``conv_lowering`` of a result."""
         return {
             "model": self.model_name,
             "dataset": self.dataset,
             "dtype": self.dtype,
             "conv_lowering": resolve_conv_lowering(self.conv_lowering),
+            "cpu_optimization_level": self.cpu_optimization_level,
         }
 
 
 def define_target_flags(flag_values: flags.FlagValues) -> None:
     """``--model``, ``--instances`` (read with :func:`instances`), ``--dataset``,
-    ``--dtype``, ``--conv-lowering``, ``--out`` and ``--batch`` (read with
+    ``--dtype``, ``--conv-lowering``, ``--cpu-optimization-level``, ``--out`` and
+    ``--batch`` (read with
     :func:`batch_sizes` or :func:`batch_size`)."""
     define = {"flag_values": flag_values}
     flags.DEFINE_string("model", None, "e.g. wrn-16-1, wrn-28-10, resnet-50", **define)
@@ -73,6 +77,14 @@ def define_target_flags(flag_values: flags.FlagValues) -> None:
         "auto",
         CONV_LOWERINGS,
         "auto = matmul_grad on CPU, xla elsewhere",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "cpu-optimization-level",
+        None,
+        "XLA:CPU backend optimisation level of train-step programs, 0-3 (default: XLA's, 3)",
+        lower_bound=0,
+        upper_bound=3,
         **define,
     )
     flags.DEFINE_string("out", ".", "output directory", **define)
@@ -94,6 +106,7 @@ def target_from_flags(flag_values: flags.FlagValues) -> tuple[Target, SDPointMod
         flag_values.dataset,
         flag_values.dtype,
         flag_values["conv-lowering"].value,
+        flag_values["cpu-optimization-level"].value,
     )
     try:
         return target, target.create_model()

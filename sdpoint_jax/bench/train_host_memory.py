@@ -13,7 +13,8 @@ round's ratio), the mix's FLOPs expectation (mean FLOPs over its drawn instances
 ``auto`` (:func:`sdpoint_jax.xla_cpu.host_memory.write_record`).
 
 ``train_bench_host_memory.json``: ``model``, ``dataset``, ``dtype``, ``conv_lowering``,
-``batch``, ``steps``, ``rounds``, ``cpu_model``, ``kernel_release``, ``glibc``,
+``cpu_optimization_level``, ``batch``, ``steps``, ``rounds``, ``cpu_model``,
+``kernel_release``, ``glibc``,
 ``modes`` (one object per mode, in the order given: ``host_memory``, ``rounds``,
 ``full_step_ms``, ``mix_step_ms``, ``mix_over_full``, ``flops_expectation``,
 ``mix_over_expectation``), ``fastest`` (the mode with the fastest mix step),
@@ -42,6 +43,7 @@ from sdpoint_jax.errors import ProcessFailedError
 from sdpoint_jax.xla_cpu import host_memory
 
 OWN_FLAGS = ("host-memory", "rounds", "record", "out")
+TARGET_FIELDS = ("model", "dataset", "dtype", "conv_lowering", "cpu_optimization_level")
 """Flags of the comparison itself, not passed on to the measuring children."""
 COLUMNS = (
     report.Column("host memory", "host_memory"),
@@ -203,7 +205,7 @@ def run(flag_values: flags.FlagValues, modes: Sequence[str]) -> dict[str, Any]:
     rows = summarize(results)
     first = results[modes[0]][0]
     combined = {
-        **{key: first[key] for key in ("model", "dataset", "dtype", "conv_lowering")},
+        **{key: first[key] for key in TARGET_FIELDS},
         "batch": first["batch"],
         "steps": first["steps"],
         "rounds": rounds,

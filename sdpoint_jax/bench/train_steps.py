@@ -82,5 +82,6 @@ class TrainSteps:
             target.image_size,
             fingerprint,
             conv_lowering=target.conv_lowering,
+            cpu_optimization_level=target.cpu_optimization_level,
         )
         return cls(mesh, state, programs)

@@ -54,7 +54,7 @@ from sdpoint_jax.evaluation.selection import pareto_front, select_instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
-from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
+from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]

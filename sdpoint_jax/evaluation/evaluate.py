@@ -31,7 +31,7 @@ from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
-from sdpoint_jax.xla_cpu.conv_lowering import inference_compiler_options
+from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
 
 RESULT_FIELDS = (
     "point",

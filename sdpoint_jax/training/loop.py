@@ -117,6 +117,7 @@ def fit(
         program_fingerprint(config, run.trainee, run.steps_per_epoch),
         conv_lowering=config.compile.conv_lowering,
         seed=config.seed,
+        cpu_optimization_level=config.compile.cpu_optimization_level,
     )
     logger = _MetricsLogger(run.run_dir, jax.process_index() == 0)
     if config.compile.precompile:

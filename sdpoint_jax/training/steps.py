@@ -25,6 +25,7 @@ from sdpoint_jax.training import parallel
 from sdpoint_jax.training.programs import ExecutableCache, InstancePrograms, executable_cache
 from sdpoint_jax.training.run import TrainState
 from sdpoint_jax.training.trainee import Setting, Trainee, step_key
+from sdpoint_jax.xla_cpu.compiler_options import train_compiler_options
 from sdpoint_jax.xla_cpu.conv_lowering import resolve_conv_lowering, with_conv_lowering
 
 
@@ -161,6 +162,7 @@ def train_programs(
     conv_lowering: str,
     seed: int = 0,
     platform: str | None = None,
+    cpu_optimization_level: int | None = None,
 ) -> TrainPrograms:
     """Train steps of ``trainee`` keyed by setting (for SDPoint an instance, or a low
     mode of the full instance): state replicated (and donated), batch sharded on the
@@ -172,12 +174,15 @@ def train_programs(
     (:func:`sdpoint_jax.xla_cpu.conv_lowering.with_conv_lowering`); a ``platform``
     other than this machine's is for lowering only (:meth:`InstancePrograms.trace`
     of :attr:`TrainPrograms.gradients`, ``mesh`` possibly a
-    ``jax.sharding.AbstractMesh``).
+    ``jax.sharding.AbstractMesh``). ``cpu_optimization_level``: XLA:CPU's backend
+    optimisation level for both programs (None: XLA's default;
+    :func:`sdpoint_jax.xla_cpu.compiler_options.train_compiler_options`).
     With a ``fingerprint`` (of everything ``trainee`` and ``tx`` depend on, e.g.
     :func:`program_fingerprint`) and the persistent compilation cache on, compiled
     programs are also kept across runs (:func:`sdpoint_jax.training.programs.executable_cache`),
     the gradient programs under ``fingerprint`` and the resolved lowering."""
     lowering = resolve_conv_lowering(conv_lowering, platform)
+    compiler_options = train_compiler_options(cpu_optimization_level, platform)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def build_gradients(key: Setting):
@@ -187,6 +192,7 @@ def train_programs(
             in_shardings=(replicated, replicated, batch_sharding, replicated),
             out_shardings=replicated,
             donate_argnums=1,  # the statistics; the parameters go on to the update
+            compiler_options=compiler_options,
         )
 
     def build_update(key: str):
@@ -195,6 +201,7 @@ def train_programs(
             in_shardings=(replicated, replicated),
             out_shardings=replicated,
             donate_argnums=0,
+            compiler_options=compiler_options,
         )
 
     batch = {

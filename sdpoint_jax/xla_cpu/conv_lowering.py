@@ -251,21 +251,3 @@ def with_conv_lowering(fn: Callable[_P, _R], lowering: str) -> Callable[_P, _R]:
         inner = inner.func
     lowered.__name__ = getattr(inner, "__name__", lowered.__name__)
     return lowered
-
-
-# XLA:CPU's YNNPACK library fusions, when allowed to absorb element-wise ops, fuse a
-# whole pre-activation block (convs, batch norm, ReLU, the final pooling) into one
-# fusion that runs slower than the separate ops at small batches: WRN-16-4 batch-1
-# inference is faster with convolutions only, outputs identical (benchmarks/README.md,
-# "Batch-1 inference"). Training steps showed no gain, so only inference programs use
-# it.
-_CPU_INFERENCE_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-}
-
-
-def inference_compiler_options(backend: str | None = None) -> dict[str, str]:
-    """XLA compiler options for inference programs (``jax.jit(...,
-    compiler_options=...)``): library fusions limited to individual convolutions on
-    CPU; none elsewhere."""
-    return dict(_CPU_INFERENCE_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}

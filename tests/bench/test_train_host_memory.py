@@ -148,6 +148,7 @@ def test_rounds_alternate_the_modes_and_the_fastest_mix_is_recorded(tmp_path, mo
             "dataset": "cifar10",
             "dtype": "float32",
             "conv_lowering": "matmul_grad",
+            "cpu_optimization_level": None,
             "batch": 4,
             "steps": 2,
             "device_kind": "cpu",

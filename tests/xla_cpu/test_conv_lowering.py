@@ -17,7 +17,6 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.xla_cpu.conv_lowering import (
     conv_matmul_grad,
-    inference_compiler_options,
     patch_matmuls_pay,
     resolve_conv_lowering,
     with_conv_lowering,
@@ -207,21 +206,3 @@ def test_auto_resolves_by_backend_and_bad_names_are_rejected():
     assert resolve_conv_lowering("xla", "cpu") == "xla"
     with pytest.raises(ValueError, match=r"conv_lowering must be one of .*'im2col'"):
         resolve_conv_lowering("im2col")
-
-
-def test_cpu_inference_options_change_no_output():
-    assert inference_compiler_options("gpu") == {}
-    options = inference_compiler_options("cpu")
-    assert options, "CPU inference programs get their fusion options"
-    model = create("wrn-10-4")
-    variables = init_variables(model, (32, 32), batch=2)
-    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
-
-    def forward(compiler_options):
-        fn = jax.jit(
-            functools.partial(model.apply, instance=Instance.full(), train=False),
-            compiler_options=compiler_options,
-        )
-        return fn(variables, images)
-
-    np.testing.assert_allclose(forward(options), forward(None), rtol=1e-5, atol=1e-5)

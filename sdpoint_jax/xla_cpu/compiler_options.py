@@ -1,0 +1,67 @@
+"""XLA compiler options of the programs this package builds (``jax.jit(...,
+compiler_options=...)``), per backend: only XLA:CPU gets any; GPU and TPU programs
+compile with XLA's defaults.
+
+* Inference programs (:func:`inference_compiler_options`): XLA:CPU's YNNPACK library
+  fusions, when allowed to absorb element-wise ops, fuse a whole pre-activation block
+  (convs, batch norm, ReLU, the final pooling) into one fusion that runs slower than
+  the separate ops at small batches: WRN-16-4 batch-1 inference is faster with
+  convolutions only, outputs identical (``benchmarks/README.md``, "Batch-1
+  inference"). Training steps showed no gain, so only inference programs use it.
+* Training programs (:func:`train_compiler_options`), an option: most of a CPU train
+  step's compile time is LLVM optimising the element-wise fusion kernels (``perf`` of
+  one WRN-28-10 gradient program: LLVM's JIT layer 43% of the process's samples, XLA's
+  fusion emitters 10%, HLO passes 4%), while its run time is in the matrix products
+  and convolutions of the libraries XLA calls. A lower backend optimisation level
+  (``compile.cpu_optimization_level``, e.g. 1; XLA's default is 3) compiles the
+  WRN-28-10 gradient program 1.3-1.5x faster at the same step time
+  (``benchmarks/README.md``, "Compilation"). Its gradients differ from the default
+  level's in the last bits (relative 5e-6 on a WRN-10-1: the kernels sum in another
+  order), so runs are not bit-identical to runs at the default level; hence it is off
+  by default. A lower level set in ``XLA_FLAGS``
+  (``--xla_backend_optimization_level=N``) wins.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+
+XLA_DEFAULT_OPTIMIZATION_LEVEL = 3
+
+_CPU_INFERENCE_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+}
+_LEVEL_FLAG = re.compile(r"--xla_backend_optimization_level=(-?\d+)")
+
+
+def inference_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """Options of inference programs on ``backend`` (default: JAX's default backend):
+    library fusions limited to individual convolutions on CPU; none elsewhere."""
+    return dict(_CPU_INFERENCE_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+
+
+def flags_optimization_level() -> int:
+    """The backend optimisation level ``XLA_FLAGS`` sets (its last one), else XLA's
+    default."""
+    levels = _LEVEL_FLAG.findall(os.environ.get("XLA_FLAGS", ""))
+    return int(levels[-1]) if levels else XLA_DEFAULT_OPTIMIZATION_LEVEL
+
+
+def train_compiler_options(
+    cpu_optimization_level: int | None, backend: str | None = None
+) -> dict[str, int]:
+    """Options of training programs on ``backend`` (default: JAX's default backend): on
+    CPU with a ``cpu_optimization_level`` (0-3), that backend optimisation level unless
+    ``XLA_FLAGS`` sets a lower one; none otherwise (XLA's defaults)."""
+    if cpu_optimization_level is None or (backend or jax.default_backend()) != "cpu":
+        return {}
+    if not 0 <= cpu_optimization_level <= XLA_DEFAULT_OPTIMIZATION_LEVEL:
+        raise ValueError(
+            f"cpu_optimization_level must lie in [0, {XLA_DEFAULT_OPTIMIZATION_LEVEL}], "
+            f"got {cpu_optimization_level}"
+        )
+    level = min(cpu_optimization_level, flags_optimization_level())
+    return {"xla_backend_optimization_level": level}
