@@ -15,14 +15,20 @@ The mix's speed-up is compared with its FLOPs: the mean over the drawn instances
 forward-pass FLOPs; a train step costs about three forward passes at every instance,
 so the fractions carry over.
 
-``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
+``train_bench.json``: ``model``, ``dataset``, ``dtype``, ``conv_lowering``,
+``cpu_optimization_level``, ``device_kind``, ``platform``,
 ``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``, ``batch``,
 ``steps``, ``runs`` (one object per run: ``name``
 (``full``, ``cheapest``, ``mix``, and ``low`` where supported), ``draws`` (instance or
 low mode, e.g. ``"low:2"`` -> steps), ``seconds``, ``step_ms``, ``images_per_s``,
 ``flops_fraction`` (mean FLOPs / full FLOPs over its steps; low mode counts its
 downsampled convolutions, not the input downsampling)),
-``mix_over_full_step_time``, ``drawn_flops_fraction`` and ``uniform_flops_fraction``.
+``mix_over_full_step_time``, ``drawn_flops_fraction``, ``uniform_flops_fraction``,
+``back_to_back_step_ms`` (each instance the mix drew, run alone: one step, then
+:data:`BACK_TO_BACK_STEPS` timed steps back to back; instance -> ms per step) and
+``mix_over_back_to_back`` (the mix's time over the sum of its draws' back-to-back step
+times: above 1, what switching programs costs; at 1, the mix costs what its instances
+cost, and any excess over the FLOPs is in the programs themselves).
 
 ``--host-memory=MODES`` runs all of this once per host memory mode, each in a child
 process started in it, and compares them (:mod:`sdpoint_jax.bench.train_host_memory`).
@@ -52,6 +58,8 @@ from sdpoint_jax.models.cost import count_flops, instance_costs
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run import TrainState
 from sdpoint_jax.training.schedules import ProgramKey, draw_instance
+
+BACK_TO_BACK_STEPS = 2
 
 COLUMNS = (
     report.Column("run", "name"),
@@ -99,6 +107,19 @@ def timed_run(
     return state, time.perf_counter() - start
 
 
+def back_to_back_ms(
+    steps: TrainSteps, state: TrainState, batch: dict, keys: Sequence[ProgramKey]
+) -> tuple[TrainState, dict[str, float]]:
+    """Each program of ``keys`` run alone: one step, then :data:`BACK_TO_BACK_STEPS`
+    timed steps back to back; ``{key: ms per step}``."""
+    times = {}
+    for key in tqdm(keys, desc="each drawn instance back to back", unit="program", leave=False):
+        state, _ = timed_run(steps, state, batch, [key], str(key))
+        state, seconds = timed_run(steps, state, batch, [key] * BACK_TO_BACK_STEPS, str(key))
+        times[str(key)] = seconds / BACK_TO_BACK_STEPS * 1e3
+    return state, times
+
+
 def benchmark(
     target: options.Target, model: SDPointModel, batch_size: int, num_steps: int
 ) -> dict[str, Any]:
@@ -133,7 +154,9 @@ def benchmark(
                 "flops_fraction": float(np.mean([flops[key] / flops[full] for key in sequence])),
             }
         )
+    state, alone_ms = back_to_back_ms(steps, state, batch, list(dict.fromkeys(runs["mix"])))
     by_name = {run["name"]: run for run in results}
+    mix_alone_s = sum(alone_ms[str(key)] for key in runs["mix"]) / 1e3
     return {
         **target.fields(),
         **report.environment(),
@@ -143,6 +166,8 @@ def benchmark(
         "mix_over_full_step_time": by_name["mix"]["seconds"] / by_name["full"]["seconds"],
         "drawn_flops_fraction": by_name["mix"]["flops_fraction"],
         "uniform_flops_fraction": uniform_flops_fraction(model.space, costs),
+        "back_to_back_step_ms": alone_ms,
+        "mix_over_back_to_back": by_name["mix"]["seconds"] / mix_alone_s,
     }
 
 
@@ -185,7 +210,9 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
     print(
         f"SDPoint mix: step time {result['mix_over_full_step_time']:.1%} of full; FLOPs "
         f"{result['drawn_flops_fraction']:.1%} of full over the drawn instances, "
-        f"{result['uniform_flops_fraction']:.1%} expected under the uniform draw"
+        f"{result['uniform_flops_fraction']:.1%} expected under the uniform draw; "
+        f"{result['mix_over_back_to_back']:.3f}x the time of its draws with each instance "
+        "run back to back"
     )
     print(f"wrote {path}")
     return result

@@ -85,7 +85,8 @@ def test_train_runs_and_flops_fractions(tmp_path, tiny_model, capsys):
     assert result["host_memory"] == host_memory.active_mode()
     assert result["host_memory_source"] in host_memory.SOURCES
     header = f"CPU: {result['cpu_model']}; host memory: {result['host_memory']} ("
-    assert header in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert header in out
     assert (result["batch"], result["steps"]) == (4, 3)
     runs = {run["name"]: run for run in result["runs"]}
     assert list(runs) == ["full", "cheapest", "mix", "low"]
@@ -110,6 +111,12 @@ def test_train_runs_and_flops_fractions(tmp_path, tiny_model, capsys):
     )
     by_instance = {inst: flops[str(inst)] for inst in tiny_model.space}
     assert result["uniform_flops_fraction"] == uniform_flops_fraction(tiny_model.space, by_instance)
+    # each instance the mix drew, timed alone; the mix against the sum over its draws
+    alone = result["back_to_back_step_ms"]
+    assert set(alone) == set(runs["mix"]["draws"]) and min(alone.values()) > 0
+    mix_alone_s = sum(alone[name] * n for name, n in runs["mix"]["draws"].items()) / 1e3
+    assert result["mix_over_back_to_back"] == pytest.approx(runs["mix"]["seconds"] / mix_alone_s)
+    assert "x the time of its draws with each instance run back to back" in out
 
 
 COMPILED = ("full", "1:0.5")  # two of the model's instances: the phases, at a third of the cost
