@@ -23,7 +23,7 @@ from sdpoint_jax.xla_cpu.compiler_options import (
     train_compiler_options,
 )
 from sdpoint_jax.xla_cpu.conv_lowering import with_conv_lowering
-from tests.conftest import init_variables, tiny_config
+from tests.conftest import init_variables, random_variables, tiny_config
 
 LEVEL = "xla_backend_optimization_level"
 
@@ -68,7 +68,9 @@ def test_a_lower_train_level_computes_the_gradients_to_float_tolerance():
     model = create("wrn-10-1")
     trainee = SDPointTrainee(model)
     tx = create_optimizer(tiny_config(1), steps_per_epoch=1000)
-    state = jax.tree.map(np.array, initial_state(trainee, tx, 32, seed=0))
+    shapes = jax.eval_shape(functools.partial(initial_state, trainee, tx, 32, 0))
+    # no init to compile; host copies, since the gradient program donates its statistics
+    variables = jax.tree.map(np.asarray, random_variables(model, seed=0, hw=(32, 32)))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
@@ -77,10 +79,11 @@ def test_a_lower_train_level_computes_the_gradients_to_float_tolerance():
     key = Instance(2, 0.5)
     mesh = parallel.create_mesh()
     programs = train_programs(
-        trainee, tx, state, mesh, 2, 32, conv_lowering="matmul_grad", cpu_optimization_level=1
+        trainee, tx, shapes, mesh, 2, 32, conv_lowering="matmul_grad", cpu_optimization_level=1
     )
-    stats = trainee.trained_statistics(state.batch_stats, key)
-    replicated = parallel.replicate((state.params, stats, state.step), mesh)
+    params, step_count = variables["params"], np.zeros((), np.int32)
+    stats = trainee.trained_statistics(variables["batch_stats"], key)
+    replicated = parallel.replicate((params, stats, step_count), mesh)
     lowered = jax.device_get(
         programs.gradients[key](*replicated[:2], parallel.shard_batch(batch, mesh), replicated[2])
     )
@@ -88,7 +91,7 @@ def test_a_lower_train_level_computes_the_gradients_to_float_tolerance():
         functools.partial(gradient_step, trainee=trainee, setting=key), "matmul_grad"
     )
     options = {LEVEL: XLA_DEFAULT_OPTIMIZATION_LEVEL}
-    default = jax.jit(step, compiler_options=options)(state.params, stats, batch, state.step)
+    default = jax.jit(step, compiler_options=options)(params, stats, batch, step_count)
     assert jax.tree.structure(lowered) == jax.tree.structure(default)
     expected = jax.tree.leaves(jax.device_get(default))
     for got, want in zip(jax.tree.leaves(lowered), expected, strict=True):
