@@ -188,7 +188,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
         raise UsageError(f"--batch: {err}") from err
     modes = train_host_memory.requested_modes(flag_values)
     if modes is not None:
-        return train_host_memory.run(flag_values, modes)
+        return train_host_memory.run(flag_values, target, modes)
     steps = flag_values.steps
     result = benchmark(target, model, batch_size, steps)
     path = report.write_json(Path(flag_values.out) / "train_bench.json", result)

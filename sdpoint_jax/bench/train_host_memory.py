@@ -37,13 +37,12 @@ from absl import flags
 
 import sdpoint_jax
 from sdpoint_jax import machine
-from sdpoint_jax.bench import report
+from sdpoint_jax.bench import options, report
 from sdpoint_jax.cli import UsageError
 from sdpoint_jax.errors import ProcessFailedError
 from sdpoint_jax.xla_cpu import host_memory
 
 OWN_FLAGS = ("host-memory", "rounds", "record", "out")
-TARGET_FIELDS = ("model", "dataset", "dtype", "conv_lowering", "cpu_optimization_level")
 """Flags of the comparison itself, not passed on to the measuring children."""
 COLUMNS = (
     report.Column("host memory", "host_memory"),
@@ -186,9 +185,12 @@ def fastest(rows: Sequence[Mapping[str, Any]]) -> str:
     return min(rows, key=lambda row: row["mix_step_ms"])["host_memory"]
 
 
-def run(flag_values: flags.FlagValues, modes: Sequence[str]) -> dict[str, Any]:
-    """Measures every mode in turn for ``--rounds``, prints the combined table, writes
-    ``train_bench_host_memory.json`` (and the record with ``--record``); returns it."""
+def run(
+    flag_values: flags.FlagValues, target: options.Target, modes: Sequence[str]
+) -> dict[str, Any]:
+    """Measures every mode of ``target`` in turn for ``--rounds``, prints the combined
+    table, writes ``train_bench_host_memory.json`` (and the record with ``--record``);
+    returns it."""
     rounds = flag_values.rounds
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="sdpoint_jax_train_host_memory_") as temp:
@@ -205,7 +207,7 @@ def run(flag_values: flags.FlagValues, modes: Sequence[str]) -> dict[str, Any]:
     rows = summarize(results)
     first = results[modes[0]][0]
     combined = {
-        **{key: first[key] for key in TARGET_FIELDS},
+        **target.fields(),
         "batch": first["batch"],
         "steps": first["steps"],
         "rounds": rounds,
