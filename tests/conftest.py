@@ -46,6 +46,7 @@ from sdpoint_jax.config import cifar_config, get_field, set_field
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel, create
 from sdpoint_jax.models.cost import abstract_exit_variables, abstract_variables
+from sdpoint_jax.training import parallel
 from sdpoint_jax.training.programs import DEFAULT_CACHE_DIR, enable_compilation_cache
 
 # Real CIFAR-10 prepared for tfds beside the project (../shared). Tests that train and
@@ -74,6 +75,17 @@ def init_variables(model: SDPointModel, hw: tuple[int, int], batch: int = 2):
     x = jnp.zeros((batch, *hw, 3), jnp.float32)
     init = functools.partial(model.init, instance=Instance.full(), train=False)
     return jax.jit(init)(jax.random.key(0), x)
+
+
+def run_gradients(programs, key, state, batch: dict, mesh) -> Any:
+    """The gradient program of ``key`` of ``programs`` (a
+    :class:`sdpoint_jax.training.steps.TrainPrograms`) run on ``state``'s parameters,
+    its statistics for ``key`` and step, and ``batch``, on the host (``state`` is
+    copied: the program donates the statistics)."""
+    stats = programs.trainee.trained_statistics(state.batch_stats, key)
+    params, stats, step = parallel.replicate((state.params, stats, state.step), mesh)
+    batch = parallel.shard_batch(batch, mesh)
+    return jax.device_get(programs.gradients[key](params, stats, batch, step))
 
 
 def record_calls(

@@ -24,7 +24,7 @@ from sdpoint_jax.training.run import create_optimizer, initial_state
 from sdpoint_jax.training.steps import UPDATE_KEY, gradient_step, train_programs
 from sdpoint_jax.training.trainee import SDPointTrainee
 from sdpoint_jax.xla_cpu.conv_lowering import conv_matmul_grad, with_conv_lowering
-from tests.conftest import record_calls, tiny_config
+from tests.conftest import record_calls, run_gradients, tiny_config
 
 BATCH, SIZE = 2, 32
 KEYS = (Instance.full(), Instance(2, 0.5))
@@ -43,14 +43,6 @@ def setup():
         "label": rng.integers(0, 10, BATCH).astype(np.int32),
     }
     return model, tx, state, batch, parallel.create_mesh()
-
-
-def _gradients(programs, key, state, batch, mesh):
-    """The gradient program of ``key`` run on ``state`` (copied: it donates)."""
-    stats = programs.trainee.trained_statistics(state.batch_stats, key)
-    params, stats, step = parallel.replicate((state.params, stats, state.step), mesh)
-    batch = parallel.shard_batch(batch, mesh)
-    return jax.device_get(programs.gradients[key](params, stats, batch, step))
 
 
 def _reference(model, key, state, batch, implementation):
@@ -97,7 +89,7 @@ def test_gradient_programs_are_the_step_traced_with_the_lowering(setup):
     programs.precompile(KEYS, workers=2)  # traced on compile threads
     for key in KEYS:
         expected, convs = _reference(model, key, state, batch, conv_matmul_grad)
-        assert _equal(_gradients(programs, key, state, batch, mesh), expected)
+        assert _equal(run_gradients(programs, key, state, batch, mesh), expected)
         assert _convolutions(programs.gradients[key]) == convs
         plain = _traced_step(model, key, state, batch)
         assert "custom_vjp_call" not in str(plain.jaxpr)  # nothing installed outside
@@ -161,7 +153,7 @@ def test_kept_executables_are_keyed_by_the_lowering(setup, executable_cache_dir)
             conv_lowering=lowering,
         )
         programs.update[UPDATE_KEY]  # compiles (or loads) the update program too
-        return _gradients(programs, key, state, batch, mesh)
+        return run_gradients(programs, key, state, batch, mesh)
 
     xla = run("xla")
     assert len(list(executable_cache_dir.glob("*.executable"))) == 2  # gradients, update

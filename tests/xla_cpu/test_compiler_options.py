@@ -23,7 +23,7 @@ from sdpoint_jax.xla_cpu.compiler_options import (
     train_compiler_options,
 )
 from sdpoint_jax.xla_cpu.conv_lowering import with_conv_lowering
-from tests.conftest import init_variables, random_variables, tiny_config
+from tests.conftest import init_variables, random_variables, run_gradients, tiny_config
 
 LEVEL = "xla_backend_optimization_level"
 
@@ -81,17 +81,18 @@ def test_a_lower_train_level_computes_the_gradients_to_float_tolerance():
     programs = train_programs(
         trainee, tx, shapes, mesh, 2, 32, conv_lowering="matmul_grad", cpu_optimization_level=1
     )
-    params, step_count = variables["params"], np.zeros((), np.int32)
-    stats = trainee.trained_statistics(variables["batch_stats"], key)
-    replicated = parallel.replicate((params, stats, step_count), mesh)
-    lowered = jax.device_get(
-        programs.gradients[key](*replicated[:2], parallel.shard_batch(batch, mesh), replicated[2])
+    state = shapes.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        step=np.zeros((), np.int32),
     )
+    lowered = run_gradients(programs, key, state, batch, mesh)
     step = with_conv_lowering(
         functools.partial(gradient_step, trainee=trainee, setting=key), "matmul_grad"
     )
     options = {LEVEL: XLA_DEFAULT_OPTIMIZATION_LEVEL}
-    default = jax.jit(step, compiler_options=options)(params, stats, batch, step_count)
+    stats = trainee.trained_statistics(state.batch_stats, key)
+    default = jax.jit(step, compiler_options=options)(state.params, stats, batch, state.step)
     assert jax.tree.structure(lowered) == jax.tree.structure(default)
     expected = jax.tree.leaves(jax.device_get(default))
     for got, want in zip(jax.tree.leaves(lowered), expected, strict=True):
