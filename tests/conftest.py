@@ -31,9 +31,17 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 
 # XDG_CACHE_HOME: the default place of the package's compilation caches
 # (sdpoint_jax.training.programs.DEFAULT_CACHE_DIR), and of matplotlib's font cache.
-SESSION_CACHE_HOME = Path(tempfile.mkdtemp(prefix="sdpoint_jax-tests-cache-"))
+# One directory for the whole session: the process that starts pytest makes it (and
+# removes it at exit), and its parallel workers, which inherit the environment, share
+# it, so that a program one worker compiled is loaded by the others.
+_SESSION_CACHE_VARIABLE = "SDPOINT_JAX_TESTS_CACHE_HOME"
+if _SESSION_CACHE_VARIABLE in os.environ:
+    SESSION_CACHE_HOME = Path(os.environ[_SESSION_CACHE_VARIABLE])
+else:
+    SESSION_CACHE_HOME = Path(tempfile.mkdtemp(prefix="sdpoint_jax-tests-cache-"))
+    os.environ[_SESSION_CACHE_VARIABLE] = str(SESSION_CACHE_HOME)
+    atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE_HOME)
-atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
 
 import flax.linen as nn
 import jax

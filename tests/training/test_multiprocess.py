@@ -1,8 +1,9 @@
 """A real multi-process job: ``python -m sdpoint_jax.launch`` with 2 processes of 2
-simulated CPU devices each against one process of 4 devices, same global batch.
+simulated CPU devices each, resumed from and into a run of one device (this test's
+process) and one process of 4 devices, all with the same global batch.
 
-Seed 15 draws instances (3, 0.75), (2, 0.5), (3, 0.75), (3, 0.75) at steps 0-3, so the
-four runs compile two programs per process layout (the session's compilation cache keeps
+Seed 15 draws instances (3, 0.75), (2, 0.5), (3, 0.75), (3, 0.75) at steps 1-4, so the
+runs compile few programs per process layout (the session's compilation cache keeps
 them across runs)."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from sdpoint_jax.config import load_config, set_field
 from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 
 pytestmark = pytest.mark.first
@@ -30,24 +32,36 @@ DEVICES = 4
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def overrides(cache_dir: Path, max_steps: int | None) -> list[str]:
-    return [
-        "--config=experiments/configs/cifar10_quick.py",
-        f"--config.data.data_dir={SHARED_DATA_DIR}",
-        "--config.data.train_split=train[:256]",
-        "--config.model.name=wrn-10-1",
-        "--config.seed=15",
-        "--config.optim.batch_size=16",
-        "--config.optim.num_epochs=100",
-        f"--config.run.max_steps={max_steps}",
-        "--config.run.checkpoint_every_steps=2",
-        "--config.run.keep_checkpoints=100",
-        "--config.run.log_every_steps=1",
-        "--config.run.eval_every_epochs=1000",
-        "--config.compile.precompile=False",
-        "--config.compile.conv_lowering=xla",  # compiles faster than matmul_grad
-        f"--config.compile.cache_dir={cache_dir}",
-    ]
+# The run's configuration: experiments/configs/cifar10_quick.py with these fields set.
+CONFIG_FILE = "experiments/configs/cifar10_quick.py"
+OVERRIDES = {
+    "data.data_dir": str(SHARED_DATA_DIR),
+    "data.train_split": "train[:256]",
+    "model.name": "wrn-10-1",
+    "seed": 15,
+    "optim.batch_size": 16,
+    "optim.num_epochs": 100,
+    "run.checkpoint_every_steps": 2,
+    "run.keep_checkpoints": 100,
+    "run.log_every_steps": 1,
+    "run.eval_every_epochs": 1000,
+    "compile.precompile": False,
+    "compile.conv_lowering": "xla",  # compiles faster than matmul_grad
+}
+
+
+def fields(cache_dir: Path, max_steps: int) -> dict:
+    return {**OVERRIDES, "run.max_steps": max_steps, "compile.cache_dir": str(cache_dir)}
+
+
+def train_here(workdir: Path, cache_dir: Path, max_steps: int) -> None:
+    """``train`` (resuming) in this process, on its one device."""
+    from sdpoint_jax.training.loop import train  # TensorFlow: only where a run trains
+
+    config = load_config(str(ROOT / CONFIG_FILE))
+    for path, value in fields(cache_dir, max_steps).items():
+        set_field(config, path, value)
+    train(config, workdir, resume=True)
 
 
 def environment(devices: int) -> dict[str, str]:
@@ -61,7 +75,8 @@ def environment(devices: int) -> dict[str, str]:
 def start(workdir: Path, cache_dir: Path, max_steps: int, processes: int) -> subprocess.Popen:
     """``train`` (resuming) in ``processes`` processes (through the launcher) of
     ``DEVICES`` devices in all."""
-    train = ["train", f"--workdir={workdir}", "--resume", *overrides(cache_dir, max_steps)]
+    overrides = [f"--config.{path}={value}" for path, value in fields(cache_dir, max_steps).items()]
+    train = ["train", f"--workdir={workdir}", "--resume", f"--config={CONFIG_FILE}", *overrides]
     if processes == 1:
         command = ["-m", "sdpoint_jax.main", *train]
     else:
@@ -138,22 +153,20 @@ def process_one(launcher: subprocess.Popen) -> int:
 @needs_cifar10
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
 def test_two_processes_train_as_one_and_resume_across_layouts(tmp_path, compilation_cache_dir):
-    two, one = tmp_path / "two", tmp_path / "one"
-    train(two, compilation_cache_dir, 2, processes=2)
-    train(one, compilation_cache_dir, 2, processes=1)
-    # the same steps and instances, logged once, and the same files: process 0's only
-    assert logged_steps(two) == logged_steps(one) == [(1, "3:0.75"), (2, "2:0.5")]
-    assert written_files(two) == written_files(one) == ["tensorboard", "train_log.jsonl"]
-    largest = assert_states_close(saved_state(two, 2), saved_state(one, 2))
-    print(f"2 processes vs 1 at step 2: largest relative difference {largest:.2e}")
+    # the reference: this process (one device), steps 1-8 with a resume at step 2
+    reference, two = tmp_path / "reference", tmp_path / "two"
+    train_here(reference, compilation_cache_dir, 2)
+    shutil.copytree(reference, two)
+    train_here(reference, compilation_cache_dir, 8)
+    steps = logged_steps(reference)
+    assert [step for step, _ in steps] == list(range(1, 9))
+    assert steps[:4] == [(1, "3:0.75"), (2, "2:0.5"), (3, "3:0.75"), (4, "3:0.75")]
 
-    # resume 2 -> 1 process, and 1 -> 2, where process 1 is then killed after step 4
-    two_to_one, one_to_two = tmp_path / "two_to_one", tmp_path / "one_to_two"
-    shutil.copytree(two, two_to_one)
-    shutil.copytree(one, one_to_two)
-    train(two_to_one, compilation_cache_dir, 4, processes=1)
-    launcher = start(one_to_two, compilation_cache_dir, 1000, processes=2)
-    step_four = one_to_two / "checkpoints" / "4"
+    # resume 1 device -> 2 processes, where process 1 is killed after step 4
+    files_before = written_files(two)
+    assert files_before == ["tensorboard", "train_log.jsonl"]
+    launcher = start(two, compilation_cache_dir, 1000, processes=2)
+    step_four = two / "checkpoints" / "4"
     deadline = time.monotonic() + 240
     while not step_four.is_dir():
         assert launcher.poll() is None, launcher.stdout.read()[-3000:]
@@ -163,8 +176,17 @@ def test_two_processes_train_as_one_and_resume_across_layouts(tmp_path, compilat
     output, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 1, output[-3000:]
     assert "error: process 1 (pid " in output and "was killed by SIGKILL" in output
-    assert logged_steps(two_to_one) == [*logged_steps(two), (3, "3:0.75"), (4, "3:0.75")]
-    largest = assert_states_close(saved_state(one_to_two, 4), saved_state(two_to_one, 4))
-    print(
-        f"resumed 1 -> 2 vs 2 -> 1 processes at step 4: largest relative difference {largest:.2e}"
-    )
+    # steps 3 and 4 logged once, and one new file (TensorBoard's): process 0's only
+    assert logged_steps(two)[:4] == steps[:4]
+    assert written_files(two) == sorted([*files_before, "tensorboard"])
+    largest = assert_states_close(saved_state(two, 4), saved_state(reference, 4))
+    print(f"2 processes vs 1 device at step 4: largest relative difference {largest:.2e}")
+
+    # resume 2 processes -> 1 process of 4 devices, from the newest checkpoint (4, or 6
+    # if process 0 got there before the kill)
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    train(one, compilation_cache_dir, 8, processes=1)
+    assert dict(logged_steps(one)) == dict(steps)
+    largest = assert_states_close(saved_state(one, 8), saved_state(reference, 8))
+    print(f"resumed 2 -> 1 process vs 1 device at step 8: largest difference {largest:.2e}")
