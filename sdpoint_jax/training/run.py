@@ -248,8 +248,19 @@ class Run:
             )
         return checkpoint["state"], checkpoint["draws"]
 
+    def abstract_state(self) -> TrainState:
+        """The shapes, dtypes and (replicated) shardings of :meth:`initial_state`, traced
+        without computing it: a checkpoint is restored onto this."""
+        shapes = jax.eval_shape(
+            lambda: initial_state(self.trainee, self.tx, self.image_size, self.config.seed)
+        )
+        sharding = parallel.replicated(self.mesh)
+        return jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes
+        )
+
     def checkpoint_template(self) -> dict[str, Any]:
-        return {"state": self.initial_state(), "draws": self.initial_draws()}
+        return {"state": self.abstract_state(), "draws": self.initial_draws()}
 
 
 def restore_for_evaluation(
