@@ -147,10 +147,11 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
         for _ in range(3)
     ]
     instances = [Instance.full(), Instance(2, 0.5), Instance(3, 0.75)]
+    start = jax.device_get(initial_state(model, tx, 32, seed=0))  # the steps donate
     states = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
-        state = parallel.replicate(initial_state(model, tx, 32, seed=0), mesh)
+        state = parallel.replicate(start, mesh)
         programs = train_programs(model, tx, state, mesh, 16, 32, conv_lowering="xla")
         states.append([])
         for batch, instance in zip(batches, instances):
