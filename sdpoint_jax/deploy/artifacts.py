@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sdpoint_jax.core.instance import Instance
-from sdpoint_jax.data.specs import DatasetSpec
+from sdpoint_jax.data.specs import DatasetSpec, dataset_spec
 from sdpoint_jax.deploy.loader import FORMAT, MANIFEST
 from sdpoint_jax.deploy.platforms import DEFAULT_PLATFORMS
 from sdpoint_jax.models import SDPointModel
@@ -259,7 +259,6 @@ def export_run(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> dict[str, Any]:
     """Exports ``instances`` (``"all"`` or ``"full,3:0.5"``) of the run in ``workdir``."""
-    from sdpoint_jax.data.pipeline import dataset_spec
     from sdpoint_jax.training.run import restore_for_evaluation
 
     run, state, source = restore_for_evaluation(config, workdir)
