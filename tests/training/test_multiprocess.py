@@ -1,6 +1,6 @@
 """A real multi-process job: ``python -m sdpoint_jax.launch`` with 2 processes of 2
 simulated CPU devices each, resumed from and into a run of one device (this test's
-process) and one process of 4 devices, all with the same global batch.
+process), with the same global batch.
 
 Seed 15 draws instances (3, 0.75), (2, 0.5), (3, 0.75), (3, 0.75) at steps 1-4, so the
 runs compile few programs per process layout (the session's compilation cache keeps
@@ -28,7 +28,7 @@ from tests.conftest import SHARED_DATA_DIR, needs_cifar10
 pytestmark = pytest.mark.first
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICES = 4
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -64,40 +64,22 @@ def train_here(workdir: Path, cache_dir: Path, max_steps: int) -> None:
     train(config, workdir, resume=True)
 
 
-def environment(devices: int) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    # the session's XLA flags (tests/conftest.py) and this job's device count
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = flags.strip()
-    return env
-
-
-def start(workdir: Path, cache_dir: Path, max_steps: int, processes: int) -> subprocess.Popen:
-    """``train`` (resuming) in ``processes`` processes (through the launcher) of
-    ``DEVICES`` devices in all."""
+def launch(workdir: Path, cache_dir: Path, max_steps: int) -> subprocess.Popen:
+    """``train`` (resuming) through the launcher in :data:`PROCESSES` processes of
+    :data:`DEVICES_PER_PROCESS` simulated CPU devices each."""
     overrides = [f"--config.{path}={value}" for path, value in fields(cache_dir, max_steps).items()]
     train = ["train", f"--workdir={workdir}", "--resume", f"--config={CONFIG_FILE}", *overrides]
-    if processes == 1:
-        command = ["-m", "sdpoint_jax.main", *train]
-    else:
-        launcher = ["-m", "sdpoint_jax.launch", f"--local-processes={processes}"]
-        command = [*launcher, f"--devices-per-process={DEVICES // processes}", "--grace-seconds=2"]
-        command += ["--", *train]
+    launcher = ["-m", "sdpoint_jax.launch", f"--local-processes={PROCESSES}"]
+    launcher += [f"--devices-per-process={DEVICES_PER_PROCESS}", "--grace-seconds=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, *command],
+        [sys.executable, *launcher, "--", *train],
         cwd=ROOT,
-        env=environment(DEVICES if processes == 1 else 1),
+        env=env,  # the session's XLA flags (tests/conftest.py); the launcher sets the devices
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def train(workdir: Path, cache_dir: Path, max_steps: int, processes: int) -> str:
-    process = start(workdir, cache_dir, max_steps, processes)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def saved_state(workdir: Path, step: int) -> dict:
@@ -165,7 +147,7 @@ def test_two_processes_train_as_one_and_resume_across_layouts(tmp_path, compilat
     # resume 1 device -> 2 processes, where process 1 is killed after step 4
     files_before = written_files(two)
     assert files_before == ["tensorboard", "train_log.jsonl"]
-    launcher = start(two, compilation_cache_dir, 1000, processes=2)
+    launcher = launch(two, compilation_cache_dir, 1000)
     step_four = two / "checkpoints" / "4"
     deadline = time.monotonic() + 240
     while not step_four.is_dir():
@@ -182,11 +164,11 @@ def test_two_processes_train_as_one_and_resume_across_layouts(tmp_path, compilat
     largest = assert_states_close(saved_state(two, 4), saved_state(reference, 4))
     print(f"2 processes vs 1 device at step 4: largest relative difference {largest:.2e}")
 
-    # resume 2 processes -> 1 process of 4 devices, from the newest checkpoint (4, or 6
-    # if process 0 got there before the kill)
+    # resume 2 processes -> this process, from the newest checkpoint (4, or 6 if process
+    # 0 got there before the kill)
     one = tmp_path / "one"
     shutil.copytree(two, one)
-    train(one, compilation_cache_dir, 8, processes=1)
+    train_here(one, compilation_cache_dir, 8)
     assert dict(logged_steps(one)) == dict(steps)
     largest = assert_states_close(saved_state(one, 8), saved_state(reference, 8))
-    print(f"resumed 2 -> 1 process vs 1 device at step 8: largest difference {largest:.2e}")
+    print(f"resumed 2 processes -> 1 device at step 8: largest difference {largest:.2e}")
