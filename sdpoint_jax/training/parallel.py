@@ -172,3 +172,9 @@ def shard_batches(
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copies a pytree of arrays to every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``tree``'s shapes and dtypes (arrays or ``jax.ShapeDtypeStruct``) as
+    ``jax.ShapeDtypeStruct`` leaves placed with ``sharding``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -254,10 +254,7 @@ class Run:
         shapes = jax.eval_shape(
             lambda: initial_state(self.trainee, self.tx, self.image_size, self.config.seed)
         )
-        sharding = parallel.replicated(self.mesh)
-        return jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes
-        )
+        return parallel.abstract_like(shapes, parallel.replicated(self.mesh))
 
     def checkpoint_template(self) -> dict[str, Any]:
         return {"state": self.abstract_state(), "draws": self.initial_draws()}

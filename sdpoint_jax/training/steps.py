@@ -92,10 +92,6 @@ def train_step(
     return update_step(state.replace(batch_stats=batch_stats), grads, tx=tx), metrics
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 UPDATE_KEY = "update"
 """The key of the parameter-update program in :attr:`TrainPrograms.update`."""
 
@@ -210,7 +206,7 @@ def train_programs(
         ),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
     }
-    state = abstract_like(state, replicated)
+    state = parallel.abstract_like(state, replicated)
     lowered_fingerprint = (
         None if fingerprint is None else f"{fingerprint}\nconv_lowering={lowering}"
     )
