@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,8 @@ from sdpoint_jax.models import create
 from sdpoint_jax.xla_cpu.conv_lowering import (
     conv_matmul_grad,
     patch_matmuls_pay,
+    patches_by_gather,
+    patches_by_slices,
     resolve_conv_lowering,
     with_conv_lowering,
 )
@@ -206,3 +209,53 @@ def test_auto_resolves_by_backend_and_bad_names_are_rejected():
     assert resolve_conv_lowering("xla", "cpu") == "xla"
     with pytest.raises(ValueError, match=r"conv_lowering must be one of .*'im2col'"):
         resolve_conv_lowering("im2col")
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_hw, strides, pads",
+    [
+        ((2, 8, 8, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((2, 9, 7, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+        ((1, 11, 11, 2), (7, 7), (2, 2), ((3, 3), (3, 3))),
+        ((2, 6, 5, 4), (3, 3), (1, 1), ((0, 2), (1, 0))),
+        ((2, 8, 8, 4), (1, 1), (2, 2), ((0, 0), (0, 0))),
+        ((1, 7, 9, 2), (2, 3), (1, 2), ((0, 1), (1, 1))),
+    ],
+)
+def test_patches_by_gather_equal_patches_by_slices(shape, kernel_hw, strides, pads):
+    """The gather the forward pass builds the patch matrix with equals, element for
+    element, the slices whose transpose gives the input gradient, and an independent
+    oracle: each window read off the padded input."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+    gathered = jax.jit(patches_by_gather, static_argnums=(1, 2, 3))(x, kernel_hw, strides, pads)
+    sliced = jax.jit(patches_by_slices, static_argnums=(1, 2, 3))(x, kernel_hw, strides, pads)
+    padded = np.pad(np.asarray(x), ((0, 0), *pads, (0, 0)))
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    out_h, out_w = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    oracle = np.stack(
+        [
+            np.stack(
+                [
+                    padded[:, h * sh : h * sh + kh, w * sw : w * sw + kw, :].reshape(shape[0], -1)
+                    for w in range(out_w)
+                ],
+                axis=1,
+            )
+            for h in range(out_h)
+        ],
+        axis=1,
+    )
+    np.testing.assert_array_equal(gathered, oracle)
+    np.testing.assert_array_equal(sliced, oracle)
+
+
+def test_differentiated_convolution_builds_its_patch_matrix_with_one_gather():
+    """What makes the gradient program quick to compile: the patch matrix is one gather
+    of the materialised padded input, not a kernel per tap plus a concatenation, while
+    the input gradient still sums shifted slices (no scatter)."""
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(_ours(x, w, (1, 1), "SAME") ** 2), (0, 1)))
+    ops = re.findall(r"\} ([a-z-]+)\(", grads.lower(x, w).compile().as_text())
+    assert ops.count("gather") == 1
+    assert "concatenate" not in ops
+    assert "scatter" not in ops

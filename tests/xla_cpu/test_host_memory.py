@@ -34,9 +34,9 @@ needs_tcmalloc = pytest.mark.skipif(
 FAULTS_PER_RUN = """
 import json, resource
 import jax, jax.numpy as jnp
-from sdpoint_jax.xla_cpu.conv_lowering import _patches
+from sdpoint_jax.xla_cpu.conv_lowering import patches_by_slices
 x = jnp.ones((8, 32, 32, 256))
-run = jax.jit(lambda x: _patches(x, (3, 3), (1, 1), ((1, 1), (1, 1))).sum(axis=(1, 2)))
+run = jax.jit(lambda x: patches_by_slices(x, (3, 3), (1, 1), ((1, 1), (1, 1))).sum(axis=(1, 2)))
 run(x).block_until_ready()
 faults = []
 for _ in range(7):
