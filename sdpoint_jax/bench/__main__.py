@@ -52,6 +52,7 @@ PROGRAM = cli.Program(
         "rounds": ("train",),
         "record": ("train",),
         "workers": ("compile",),
+        "phases": ("compile",),
         "data-dir": ("input",),
         "split": ("input",),
     },

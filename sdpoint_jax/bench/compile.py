@@ -19,6 +19,11 @@ tuning results):
    (:class:`sdpoint_jax.training.programs.ExecutableCache`), as a resumed or repeated training
    run is.
 
+``--phases`` runs a subset: ``one_by_one`` always (it gives the one-program reference and
+every program's cold time, with the total); the warm runs need ``parallel`` (they read
+its caches). ``--phases one_by_one`` is the cold compile of every instance at half the
+cost of all four.
+
 Times are wall-clock seconds from the first program to the last (tracing, lowering and
 compiling or loading), after the backend has started. The caches are in a temporary
 directory removed at the end.
@@ -32,7 +37,8 @@ directory removed at the end.
 ``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (XLA programs
 read from or written to JAX's cache: a gradient program per instance and the update
 program))
-and ``parallel_over_one`` (parallel seconds / one program's seconds).
+and ``parallel_over_one`` (parallel seconds / one program's seconds; null without the
+``parallel`` run).
 """
 
 from __future__ import annotations
@@ -76,10 +82,18 @@ COLUMNS = (
 
 
 DEFAULT_BATCH_SIZE = 128
+PHASES = ("one_by_one", "parallel", "warm_cache", "warm_executables")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The flags of this command alone (``--batch`` is shared: :mod:`.options`)."""
+    flags.DEFINE_string(
+        "phases",
+        "all",
+        f"the runs: 'all' or a comma list out of {', '.join(PHASES)}; one_by_one always "
+        "runs, and the warm runs need parallel",
+        flag_values=flag_values,
+    )
     flags.DEFINE_integer(
         "workers",
         default_compile_workers(),
@@ -151,11 +165,30 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
     }
 
 
+def parse_phases(text: str) -> tuple[str, ...]:
+    """``--phases``: ``all`` or a comma list of :data:`PHASES`, which must hold
+    ``one_by_one``, and ``parallel`` where it holds a warm run; returned in run order."""
+    names = PHASES if text == "all" else tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in PHASES]
+    if unknown:
+        raise UsageError(f"--phases {text}: unknown {', '.join(unknown)}; choose from {PHASES}")
+    if "one_by_one" not in names:
+        raise UsageError(f"--phases {text}: include one_by_one, the one-program reference")
+    warm = [name for name in names if name.startswith("warm_")]
+    if warm and "parallel" not in names:
+        raise UsageError(f"--phases {text}: {', '.join(warm)} read the caches parallel writes")
+    return tuple(name for name in PHASES if name in names)
+
+
 def benchmark(
-    target: options.Target, instances: Sequence[Instance], batch_size: int, workers: int
+    target: options.Target,
+    instances: Sequence[Instance],
+    batch_size: int,
+    workers: int,
+    phases: Sequence[str] = PHASES,
 ) -> dict[str, Any]:
-    """The four runs (``compile_bench.json``'s content); ``instances`` include the full
-    network."""
+    """The runs ``phases`` (see :func:`parse_phases`; ``compile_bench.json``'s content);
+    ``instances`` include the full network."""
     if Instance.full() not in instances:
         raise UsageError(
             f"--instances {','.join(map(str, instances))}: include full, whose compile time "
@@ -173,6 +206,8 @@ def benchmark(
         }
         results = {}
         for name, (cache, job) in jobs.items():
+            if name not in phases:
+                continue
             tqdm.write(f"{name}: {job.workers or 1} worker(s), persistent cache {cache}")
             results[name] = run_isolated(compile_all, job)
     one_program_s = results["one_by_one"]["program_s"][str(Instance.full())]
@@ -187,14 +222,16 @@ def benchmark(
     ]
     return {
         **target.fields(),
-        **results["parallel"]["environment"],
+        **results["one_by_one"]["environment"],
         "batch": batch_size,
         "workers": workers,
         "programs": len(chosen),
         "one_program_s": one_program_s,
         "program_s": results["one_by_one"]["program_s"],
         "phases": phases,
-        "parallel_over_one": results["parallel"]["seconds"] / one_program_s,
+        "parallel_over_one": (
+            results["parallel"]["seconds"] / one_program_s if "parallel" in results else None
+        ),
     }
 
 
@@ -203,7 +240,8 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
     target, model = options.target_from_flags(flag_values)
     batch_size = options.batch_size(flag_values, "compile", DEFAULT_BATCH_SIZE)
     instances = options.instances(flag_values, model)
-    result = benchmark(target, instances, batch_size, flag_values.workers)
+    phases = parse_phases(flag_values.phases)
+    result = benchmark(target, instances, batch_size, flag_values.workers, phases)
     path = report.write_json(Path(flag_values.out) / "compile_bench.json", result)
     one = result["one_program_s"]
     table = [

@@ -157,6 +157,15 @@ def test_compile_phases_cold_and_warm(tmp_path):
     )
 
 
+def test_compile_one_by_one_alone(tmp_path):
+    """``--phases one_by_one``: every program's cold time and their total, nothing
+    else."""
+    argv = ["compile", *TINY, "--instances", "full", "--batch", "2", "--out", str(tmp_path)]
+    result = main([*argv, "--phases", "one_by_one"])
+    assert [phase["name"] for phase in result["phases"]] == ["one_by_one"]
+    assert set(result["program_s"]) == {"full"} and result["parallel_over_one"] is None
+
+
 def test_uniform_flops_fraction_is_the_expectation_of_a_draw():
     space = InstanceSpace(3, (0.5, 0.75))
     flops = {inst: 1000 if inst.is_full else 100 * inst.point + 400 * inst.ratio for inst in space}
@@ -212,6 +221,13 @@ def test_latency_order_checks():
         (["compile", *TINY, "--workers", "0"], "flag --workers=0: 0 is not a positive integer"),
         (["compile", *TINY, "--instances", "1:0.5,2:0.5"], "--instances 1:0.5,2:0.5: include full"),
         (["compile", *TINY, "--instances", "4:0.5"], "instance point 4 is out of range"),
+        (["compile", *TINY, "--phases", "parallel"], "--phases parallel: include one_by_one"),
+        (
+            ["compile", *TINY, "--phases", "one_by_one,warm_cache"],
+            "warm_cache read the caches parallel writes",
+        ),
+        (["compile", *TINY, "--phases", "one_by_one,cold"], "unknown cold; choose from"),
+        (["train", *TINY, "--batch", "4", "--phases", "all"], "--phases applies to compile only"),
         (
             ["train", *TINY, "--batch", "4", "--instances", "full"],
             "--instances applies to latency and compile only",
