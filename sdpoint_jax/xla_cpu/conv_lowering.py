@@ -98,7 +98,7 @@ def resolve_conv_lowering(name: str, backend: str | None = None) -> ConvLowering
     return "matmul_grad" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
-def _window_starts(
+def _output_size(
     padded_shape: Sequence[int],
     kernel_hw: tuple[int, int],
     strides: tuple[int, int],
@@ -128,7 +128,7 @@ def patches_by_slices(
     """
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     (kh, kw), (sh, sw) = kernel_hw, strides
-    out_h, out_w = _window_starts(x.shape, kernel_hw, strides)
+    out_h, out_w = _output_size(x.shape, kernel_hw, strides)
     taps = [
         x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
         for i in range(kh)
@@ -158,7 +158,7 @@ def patches_by_gather(
         return patches_by_slices(x, kernel_hw, strides, pads)
     x = lax.optimization_barrier(jnp.pad(x, ((0, 0), *pads, (0, 0))))
     batch, channels = x.shape[0], x.shape[3]
-    out_h, out_w = _window_starts(x.shape, kernel_hw, strides)
+    out_h, out_w = _output_size(x.shape, kernel_hw, strides)
     rows = (np.arange(out_h) * sh)[:, None, None, None] + np.arange(kh)[None, None, :, None]
     cols = (np.arange(out_w) * sw)[None, :, None, None] + np.arange(kw)[None, None, None, :]
     indices = np.stack(np.broadcast_arrays(rows, cols), axis=-1).astype(np.int32)
