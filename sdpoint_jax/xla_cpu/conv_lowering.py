@@ -151,7 +151,8 @@ def patches_by_gather(
 
     The gather's indices, a constant, are ``(Ho, Wo, kh, kw)`` pairs of (row, column)
     of the padded input; each gathers ``x[:, row, column, :]``. A gather of whole
-    ``kh x kw x C`` windows (one index pair per output position) ran slower.
+    ``kh x kw x C`` windows (one index pair per output position) ran slower. A 1x1
+    kernel's matrix is one strided slice of ``x``, taken as such.
     """
     (kh, kw), (sh, sw) = kernel_hw, strides
     if kh * kw == 1:
