@@ -243,10 +243,6 @@ class InstancePrograms:
     def __len__(self) -> int:
         return len(self._compiled)
 
-    def __contains__(self, key: object) -> bool:
-        """Whether program ``key`` is compiled (or loaded) already."""
-        return key in self._compiled
-
     def precompile(self, keys: Iterable[Hashable], *, workers: int | None = None) -> None:
         """Compiles every key's program not compiled yet, ``workers`` at a time
         (default: :func:`default_compile_workers`)."""

@@ -110,9 +110,7 @@ class TrainPrograms:
     time (figures: ``benchmarks/README.md``, "Compilation").
 
     ``programs[key](state, batch) -> (state, {"loss", "accuracy"})`` runs a step,
-    compiling what it needs on first use (the update program on another thread, beside
-    the first gradient program, as :meth:`precompile` does); the state is consumed
-    (donated).
+    compiling what it needs on first use; the state is consumed (donated).
 
     Attributes:
       trainee: what is trained; it says which statistics a step of a setting updates.
@@ -125,12 +123,7 @@ class TrainPrograms:
     update: InstancePrograms
 
     def __getitem__(self, key: Setting) -> Any:
-        if UPDATE_KEY in self.update:
-            gradients, update = self.gradients[key], self.update[UPDATE_KEY]
-        else:  # the first step: compile the update program beside the gradient program
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                pending_update = pool.submit(self.update.__getitem__, UPDATE_KEY)
-                gradients, update = self.gradients[key], pending_update.result()
+        gradients, update = self.gradients[key], self.update[UPDATE_KEY]
 
         def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Any]:
             trained = self.trainee.trained_statistics(state.batch_stats, key)

@@ -165,19 +165,3 @@ def test_kept_executables_are_keyed_by_the_lowering(setup, executable_cache_dir)
     assert _equal(run("xla"), xla)  # loaded from its own file
     assert _equal(run("matmul_grad"), matmul)
     assert len(list(executable_cache_dir.glob("*.executable"))) == 3
-
-
-def test_first_use_compiles_the_step_and_the_shared_update_program(setup):
-    """``programs[key]`` compiles what a step needs: the key's gradient program and,
-    the first time, the update program every key shares; the step runs and advances."""
-    model, tx, state, batch, mesh = setup
-    programs = train_programs(
-        SDPointTrainee(model), tx, state, mesh, BATCH, SIZE, conv_lowering="xla"
-    )
-    assert UPDATE_KEY not in programs.update and KEYS[0] not in programs.gradients
-    step = programs[KEYS[0]]
-    assert UPDATE_KEY in programs.update and KEYS[0] in programs.gradients
-    assert KEYS[1] not in programs.gradients
-    new_state, metrics = step(jax.device_put(state), batch)
-    assert int(new_state.step) == int(state.step) + 1
-    assert np.isfinite(float(metrics["loss"]))
