@@ -211,7 +211,7 @@ def benchmark(
             tqdm.write(f"{name}: {job.workers or 1} worker(s), persistent cache {cache}")
             results[name] = run_isolated(compile_all, job)
     one_program_s = results["one_by_one"]["program_s"][str(Instance.full())]
-    phases = [
+    phase_results = [
         {
             "name": name,
             "workers": jobs[name][1].workers or 1,
@@ -228,7 +228,7 @@ def benchmark(
         "programs": len(chosen),
         "one_program_s": one_program_s,
         "program_s": results["one_by_one"]["program_s"],
-        "phases": phases,
+        "phases": phase_results,
         "parallel_over_one": (
             results["parallel"]["seconds"] / one_program_s if "parallel" in results else None
         ),
