@@ -36,7 +36,8 @@ directory removed at the end.
 ``phases`` (one object per run: ``name``, ``workers``, ``cache`` (``off``, ``cold``,
 ``warm`` or ``executables``), ``seconds``, ``cache_hits``, ``cache_writes`` (XLA programs
 read from or written to JAX's cache: a gradient program per instance and the update
-program))
+program), ``freed`` (gradient programs freed to stay under the process's memory-map cap,
+:mod:`sdpoint_jax.xla_cpu.memory_maps`; each is compiled once all the same))
 and ``parallel_over_one`` (parallel seconds / one program's seconds; null without the
 ``parallel`` run).
 """
@@ -78,6 +79,7 @@ COLUMNS = (
     report.Column("x one program", "of_one", ".2f"),
     report.Column("cache hits", "cache_hits"),
     report.Column("cache writes", "cache_writes"),
+    report.Column("freed", "freed"),
 )
 
 
@@ -134,8 +136,8 @@ class CompileJob:
 
 def compile_all(job: CompileJob) -> dict[str, Any]:
     """Runs ``job`` in this (fresh) process: ``seconds`` in all, ``program_s`` (one by
-    one only), persistent-cache ``cache_hits`` and ``cache_writes``, and its
-    ``environment`` (the device)."""
+    one only), persistent-cache ``cache_hits`` and ``cache_writes``, gradient programs
+    ``freed`` for the memory-map budget, and its ``environment`` (the device)."""
     if job.cache_dir is None:
         jax.config.update("jax_enable_compilation_cache", False)
     else:
@@ -161,6 +163,7 @@ def compile_all(job: CompileJob) -> dict[str, Any]:
         "program_s": program_s,
         "cache_hits": events[CACHE_HITS],
         "cache_writes": events[CACHE_WRITES],
+        "freed": programs.gradients.freed,
         "environment": report.environment(),
     }
 
@@ -216,7 +219,7 @@ def benchmark(
             "name": name,
             "workers": jobs[name][1].workers or 1,
             "cache": jobs[name][0],
-            **{key: result[key] for key in ("seconds", "cache_hits", "cache_writes")},
+            **{key: result[key] for key in ("seconds", "cache_hits", "cache_writes", "freed")},
         }
         for name, result in results.items()
     ]

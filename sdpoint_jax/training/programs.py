@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import gc
 import hashlib
 import os
 import pickle
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from jax.experimental import serialize_executable
 from tqdm.auto import tqdm
 
 from sdpoint_jax.cache_dir import cache_dir
+from sdpoint_jax.xla_cpu.memory_maps import MapBudget, process_budget
 
 DEFAULT_CACHE_DIR = cache_dir()
 
@@ -198,6 +201,12 @@ class InstancePrograms:
         the same for every key; or a function of the key returning them.
       name: used in progress output.
       executables: where compiled programs are kept across runs (None: nowhere).
+      map_budget: the memory maps this process can give to compiled programs (default:
+        :func:`sdpoint_jax.xla_cpu.memory_maps.process_budget`). Before a compile that
+        would not fit, the least recently used programs are freed (and compile again
+        when next used); with none left to free, it raises
+        :class:`~sdpoint_jax.xla_cpu.memory_maps.MemoryMapLimitError` rather than let
+        XLA crash the process.
     """
 
     def __init__(
@@ -206,15 +215,54 @@ class InstancePrograms:
         example_args: tuple | Callable[[Hashable], tuple],
         name: str,
         executables: ExecutableCache | None = None,
+        map_budget: MapBudget | None = None,
     ):
         self._build = build
         self._example_args = example_args if callable(example_args) else lambda key: example_args
         self._name = name
         self._executables = executables
-        self._compiled: dict[Hashable, Any] = {}
+        self._map_budget = process_budget() if map_budget is None else map_budget
+        self._compiled: dict[Hashable, Any] = {}  # least recently used first
+        self._compiling = 0
+        self._freed = 0
         self._lock = threading.Lock()
 
+    @property
+    def freed(self) -> int:
+        """Programs freed so far to stay within the memory-map budget."""
+        return self._freed
+
+    def _make_room(self) -> None:
+        """Counts one more compile in flight, first freeing the least recently used
+        programs until every compile in flight fits the memory-map budget."""
+        with self._lock:
+            self._compiling += 1
+            while self._map_budget.shortfall(self._compiling) > 0:
+                if not self._compiled:
+                    self._compiling -= 1
+                    raise self._map_budget.limit_error(self._compiling + 1)
+                if not self._freed:
+                    warnings.warn(
+                        f"{self._name}: freeing the least recently used compiled programs "
+                        f"to stay under this process's memory-map cap "
+                        f"({self._map_budget.limit:,}, vm.max_map_count); they compile "
+                        "again when next used. Raise the cap to keep them all.",
+                        stacklevel=4,
+                    )
+                del self._compiled[next(iter(self._compiled))]
+                self._freed += 1
+                gc.collect()  # an executable's maps go with its last reference
+
     def _compile(self, key: Hashable) -> Any:
+        self._make_room()
+        try:
+            with self._map_budget.measure():
+                return self._compile_unbudgeted(key)
+        finally:
+            with self._lock:
+                self._compiling -= 1
+
+    def _compile_unbudgeted(self, key: Hashable) -> Any:
         example_args = self._example_args(key)
         if self._executables is None:
             return _compile(self._build(key), example_args)[0]
@@ -233,14 +281,18 @@ class InstancePrograms:
         return self._build(key).trace(*self._example_args(key))
 
     def __getitem__(self, key: Hashable) -> Any:
-        compiled = self._compiled.get(key)
+        with self._lock:
+            compiled = self._compiled.pop(key, None)
+            if compiled is not None:
+                self._compiled[key] = compiled  # now the most recently used
         if compiled is None:
             compiled = self._compile(key)
             with self._lock:
-                self._compiled.setdefault(key, compiled)
-        return self._compiled[key]
+                compiled = self._compiled.setdefault(key, compiled)
+        return compiled
 
     def __len__(self) -> int:
+        """Programs held now (compiled, and not freed for the memory-map budget)."""
         return len(self._compiled)
 
     def precompile(self, keys: Iterable[Hashable], *, workers: int | None = None) -> None:

@@ -1,0 +1,118 @@
+"""The memory-map budget of a process that holds many compiled programs (Linux).
+
+XLA:CPU loads every kernel of a compiled program as an object of its own, placed in
+three small memory maps (code, read-only data, data: 4-12 KiB each), and keeps them
+until the executable is freed. Linux caps a process's memory maps at
+``vm.max_map_count`` (65,530 by default). A compile that needs more fails inside LLVM
+("LLVM compilation error: Cannot allocate memory") and the process dies of a
+segmentation fault in the unwinder, without a Python error. A PreResNet-101 ImageNet
+train-step program adds 880 to 1,150 maps, so one process reached the cap at its 68th
+of 69 instances; a ResNet-18 CIFAR program adds about 600 (``benchmarks/README.md``,
+"Compilation").
+
+:class:`MapBudget` tells how many maps the process holds, how many the next compile
+is expected to add (the most any compile has added so far, times
+:data:`ESTIMATE_MARGIN`, at least :data:`FIRST_PROGRAM_MAPS`), and how far over the cap
+that would go with :data:`RESERVE` maps kept for everything else (thread stacks,
+buffers, libraries). :class:`sdpoint_jax.training.programs.InstancePrograms` frees its
+least recently used programs until the next compile fits, and raises
+:class:`MemoryMapLimitError` where nothing is left to free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+PROCESS_MAPS = Path("/proc/self/maps")
+RESERVE = 2048
+"""Maps kept free for what is not a compiled program."""
+FIRST_PROGRAM_MAPS = 1500
+"""Expected maps of a compile before any was measured (the largest program measured,
+PreResNet-101 ImageNet, added up to 1,150)."""
+ESTIMATE_MARGIN = 1.25
+"""The next compile is expected to add up to this many times the most seen so far."""
+
+
+class MemoryMapLimitError(RuntimeError):
+    """Compiling another program would pass the process's memory-map cap."""
+
+
+def process_map_count() -> int:
+    """Memory maps this process holds now (lines of ``/proc/self/maps``)."""
+    with PROCESS_MAPS.open("rb") as maps:
+        return sum(1 for _ in maps)
+
+
+def system_map_limit() -> int | None:
+    """``vm.max_map_count``, or None where the system does not say (not Linux)."""
+    try:
+        return int(MAX_MAP_COUNT.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class MapBudget:
+    """How many more memory maps the process can give to compiled programs.
+
+    Attributes:
+      limit: the process's cap (``None``: unknown, the budget never objects).
+      count: returns the maps the process holds now.
+      reserve: maps kept free for everything that is not a compiled program.
+    """
+
+    limit: int | None
+    count: Callable[[], int] = process_map_count
+    reserve: int = RESERVE
+    _largest_program: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def expected_program_maps(self) -> int:
+        """Maps the next compile is expected to add (module docstring)."""
+        return max(FIRST_PROGRAM_MAPS, int(ESTIMATE_MARGIN * self._largest_program))
+
+    def record(self, added: int) -> None:
+        """Notes that a compile added ``added`` maps."""
+        with self._lock:
+            self._largest_program = max(self._largest_program, added)
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        """Records the maps the enclosed compile adds (compiles that overlap in other
+        threads count too, which only makes the estimate safer)."""
+        if self.limit is None:
+            yield
+            return
+        before = self.count()
+        yield
+        self.record(self.count() - before)
+
+    def shortfall(self, compiles: int = 1) -> int:
+        """Maps to free before ``compiles`` more programs fit; 0 if they fit."""
+        if self.limit is None:
+            return 0
+        needed = self.count() + compiles * self.expected_program_maps() + self.reserve
+        return max(0, needed - self.limit)
+
+    def limit_error(self, compiles: int = 1) -> MemoryMapLimitError:
+        """The error for a compile that does not fit and has nothing left to free."""
+        return MemoryMapLimitError(
+            f"this process holds {self.count():,} memory maps of the {self.limit:,} that "
+            f"Linux allows it (vm.max_map_count), and {compiles} more compiled program(s) "
+            f"need about {compiles * self.expected_program_maps():,} more, with "
+            f"{self.reserve:,} kept free. XLA:CPU keeps three maps per compiled kernel, "
+            "and a compile past the cap kills the process. Raise the cap (`sudo sysctl -w "
+            "vm.max_map_count=262144`) or compile fewer programs in one process."
+        )
+
+
+@functools.cache
+def process_budget() -> MapBudget:
+    """The one budget of this process, shared by all its compiled programs."""
+    return MapBudget(system_map_limit())
