@@ -32,6 +32,7 @@ from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
 from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
+from sdpoint_jax.xla_cpu.memory_maps import process_budget
 
 RESULT_FIELDS = (
     "point",
@@ -136,6 +137,10 @@ def evaluate_instances(
       One row per (bn mode, instance), bn modes outermost, with the fields of
       :data:`RESULT_FIELDS`; errors are in percent of the real examples.
 
+    Each (bn mode, instance) program compiles within the process's memory-map budget
+    (:mod:`sdpoint_jax.xla_cpu.memory_maps`): train-step programs held in the process
+    are freed first where it is short.
+
     Raises:
       ValueError: unknown or disallowed bn mode, an instance outside the model's space,
         a batch without the needed fields or of another size than ``input_hw``, or no
@@ -146,6 +151,8 @@ def evaluate_instances(
     count_fns = {mode: _counts_fn(mode_model) for mode, mode_model in models.items()}
     placed = variables if mesh is None else parallel.replicate(variables, mesh)
     totals: dict[tuple[str, Instance], jax.Array] = {}
+    budget = process_budget()
+    compiled: set[tuple[str, Instance, tuple[int, ...]]] = set()
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         _check_batch(batch, input_hw)
         if mesh is not None:
@@ -154,7 +161,13 @@ def evaluate_instances(
         placed_batch = fields if mesh is None else parallel.shard_batch(fields, mesh)
         for mode, counts in count_fns.items():
             for instance in instances:
-                hits = counts(placed, placed_batch, instance)
+                program = (mode, instance, batch["image"].shape)
+                if program in compiled:
+                    hits = counts(placed, placed_batch, instance)
+                else:  # the first call compiles: within the memory-map budget
+                    with budget.compiling():
+                        hits = counts(placed, placed_batch, instance)
+                    compiled.add(program)
                 key = (mode, instance)
                 totals[key] = hits if key not in totals else totals[key] + hits
 

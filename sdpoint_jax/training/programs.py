@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import gc
 import hashlib
 import os
 import pickle
 import tempfile
 import threading
-import warnings
+import time
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
@@ -223,44 +222,32 @@ class InstancePrograms:
         self._executables = executables
         self._map_budget = process_budget() if map_budget is None else map_budget
         self._compiled: dict[Hashable, Any] = {}  # least recently used first
-        self._compiling = 0
+        self._last_use: dict[Hashable, float] = {}
         self._freed = 0
         self._lock = threading.Lock()
+        self._map_budget.register(self)
 
     @property
     def freed(self) -> int:
         """Programs freed so far to stay within the memory-map budget."""
         return self._freed
 
-    def _make_room(self) -> None:
-        """Counts one more compile in flight, first freeing the least recently used
-        programs until every compile in flight fits the memory-map budget."""
+    def oldest_use(self) -> float | None:
+        """When the least recently used program was last used (``time.monotonic``)."""
         with self._lock:
-            self._compiling += 1
-            while self._map_budget.shortfall(self._compiling) > 0:
-                if not self._compiled:
-                    self._compiling -= 1
-                    raise self._map_budget.limit_error(self._compiling + 1)
-                if not self._freed:
-                    warnings.warn(
-                        f"{self._name}: freeing the least recently used compiled programs "
-                        f"to stay under this process's memory-map cap "
-                        f"({self._map_budget.limit:,}, vm.max_map_count); they compile "
-                        "again when next used. Raise the cap to keep them all.",
-                        stacklevel=4,
-                    )
-                del self._compiled[next(iter(self._compiled))]
+            return self._last_use[next(iter(self._compiled))] if self._compiled else None
+
+    def free_oldest(self) -> None:
+        """Frees the least recently used program (compiled again when next used)."""
+        with self._lock:
+            if self._compiled:
+                key = next(iter(self._compiled))
+                del self._compiled[key], self._last_use[key]
                 self._freed += 1
-                gc.collect()  # an executable's maps go with its last reference
 
     def _compile(self, key: Hashable) -> Any:
-        self._make_room()
-        try:
-            with self._map_budget.measure():
-                return self._compile_unbudgeted(key)
-        finally:
-            with self._lock:
-                self._compiling -= 1
+        with self._map_budget.compiling():
+            return self._compile_unbudgeted(key)
 
     def _compile_unbudgeted(self, key: Hashable) -> Any:
         example_args = self._example_args(key)
@@ -285,11 +272,18 @@ class InstancePrograms:
             compiled = self._compiled.pop(key, None)
             if compiled is not None:
                 self._compiled[key] = compiled  # now the most recently used
+                self._last_use[key] = time.monotonic()
         if compiled is None:
             compiled = self._compile(key)
             with self._lock:
-                compiled = self._compiled.setdefault(key, compiled)
+                compiled = self._held(key, compiled)
         return compiled
+
+    def _held(self, key: Hashable, compiled: Any) -> Any:
+        """Holds ``compiled`` as ``key``'s program unless another thread got there
+        first; returns the one held. Call with the lock held."""
+        self._last_use[key] = time.monotonic()
+        return self._compiled.setdefault(key, compiled)
 
     def __len__(self) -> int:
         """Programs held now (compiled, and not freed for the memory-map budget)."""
@@ -314,5 +308,5 @@ class InstancePrograms:
             futures = {pool.submit(self._compile, key): key for key in todo}
             for future in concurrent.futures.as_completed(futures):
                 with self._lock:
-                    self._compiled.setdefault(futures[future], future.result())
+                    self._held(futures[future], future.result())
                 bar.update()

@@ -24,9 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 PROCESS_MAPS = Path("/proc/self/maps")
@@ -57,6 +61,18 @@ def system_map_limit() -> int | None:
         return None
 
 
+class ProgramHolder(Protocol):
+    """Something that holds compiled programs and can free them (and compile them
+    again when they are next used): :class:`sdpoint_jax.training.programs.InstancePrograms`."""
+
+    def oldest_use(self) -> float | None:
+        """When its least recently used program was last used (``time.monotonic``);
+        None if it holds none."""
+
+    def free_oldest(self) -> None:
+        """Frees its least recently used program."""
+
+
 @dataclasses.dataclass
 class MapBudget:
     """How many more memory maps the process can give to compiled programs.
@@ -65,13 +81,17 @@ class MapBudget:
       limit: the process's cap (``None``: unknown, the budget never objects).
       count: returns the maps the process holds now.
       reserve: maps kept free for everything that is not a compiled program.
+      freed: programs freed so far, over every holder.
     """
 
     limit: int | None
     count: Callable[[], int] = process_map_count
     reserve: int = RESERVE
+    freed: int = 0
     _largest_program: int = 0
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    _compiling: int = 0
+    _holders: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet, repr=False)
+    _lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
 
     def expected_program_maps(self) -> int:
         """Maps the next compile is expected to add (module docstring)."""
@@ -82,23 +102,59 @@ class MapBudget:
         with self._lock:
             self._largest_program = max(self._largest_program, added)
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        """Records the maps the enclosed compile adds (compiles that overlap in other
-        threads count too, which only makes the estimate safer)."""
-        if self.limit is None:
-            yield
-            return
-        before = self.count()
-        yield
-        self.record(self.count() - before)
-
     def shortfall(self, compiles: int = 1) -> int:
         """Maps to free before ``compiles`` more programs fit; 0 if they fit."""
         if self.limit is None:
             return 0
         needed = self.count() + compiles * self.expected_program_maps() + self.reserve
         return max(0, needed - self.limit)
+
+    def register(self, holder: ProgramHolder) -> None:
+        """Lets the budget free ``holder``'s programs (held weakly)."""
+        with self._lock:
+            self._holders.add(holder)
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        """Around one compile: first frees the least recently used programs of every
+        registered holder until this compile and the others in flight fit (raising
+        :class:`MemoryMapLimitError` when nothing is left to free), then records the
+        maps the compile adds (overlapping compiles in other threads count too, which
+        only makes the estimate safer)."""
+        if self.limit is None:
+            yield
+            return
+        with self._lock:
+            self._compiling += 1
+            try:
+                self._make_room(self._compiling)
+            except MemoryMapLimitError:
+                self._compiling -= 1
+                raise
+        try:
+            before = self.count()
+            yield
+            self.record(self.count() - before)
+        finally:
+            with self._lock:
+                self._compiling -= 1
+
+    def _make_room(self, compiles: int) -> None:
+        while self.shortfall(compiles) > 0:
+            held = [(h.oldest_use(), id(h), h) for h in self._holders]
+            held = [entry for entry in held if entry[0] is not None]
+            if not held:
+                raise self.limit_error(compiles)
+            if not self.freed:
+                warnings.warn(
+                    "freeing the least recently used compiled programs to stay under this "
+                    f"process's memory-map cap ({self.limit:,}, vm.max_map_count); they "
+                    "compile again when next used. Raise the cap to keep them all.",
+                    stacklevel=2,
+                )
+            min(held)[2].free_oldest()
+            self.freed += 1
+            gc.collect()  # an executable's maps go with its last reference
 
     def limit_error(self, compiles: int = 1) -> MemoryMapLimitError:
         """The error for a compile that does not fit and has nothing left to free."""

@@ -57,18 +57,20 @@ def test_unknown_limit_never_counts():
 
     budget = MapBudget(limit=None, count=count)
     assert budget.shortfall(100) == 0
-    with budget.measure():
+    with budget.compiling():
         pass
 
 
 def test_least_recently_used_programs_are_freed_and_compile_again():
-    held: list[InstancePrograms] = []
+    holders: list[InstancePrograms] = []
     # Every held program "holds" 1,000 maps: with 1,500 expected per compile, a compile
     # fits while at most 3 programs are held, so at most 4 are held after it.
-    budget = MapBudget(limit=10_000, count=lambda: 5_000 + 1_000 * len(held[0]), reserve=0)
+    budget = MapBudget(
+        limit=10_000, count=lambda: 5_000 + 1_000 * sum(map(len, holders)), reserve=0
+    )
     traced: list = []
     programs = instance_programs(budget, traced)
-    held.append(programs)
+    holders.append(programs)
     for key in (1, 2, 3, 4):
         programs[key]
     programs[1]  # now used more recently than 2, 3 and 4
@@ -76,7 +78,7 @@ def test_least_recently_used_programs_are_freed_and_compile_again():
         programs[5]  # frees 2
     assert (len(programs), programs.freed) == (4, 1)
     programs[2]  # frees 3, compiles 2 again
-    assert (len(programs), programs.freed) == (4, 2)
+    assert (len(programs), programs.freed, budget.freed) == (4, 2, 2)
     assert traced == [1, 2, 3, 4, 5, 2]
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
     for key in (1, 2, 4, 5):
@@ -84,6 +86,19 @@ def test_least_recently_used_programs_are_freed_and_compile_again():
             np.asarray(programs[key](jnp.asarray(x))), reference(key, x), rtol=1e-5, atol=1e-5
         )
     assert traced == [1, 2, 3, 4, 5, 2]  # all four were held
+
+    # The loop above used them in the order 1, 2, 4, 5. Another holder on the same
+    # budget: its compiles free the least recently used programs of either holder.
+    others = instance_programs(budget, traced)
+    holders.append(others)
+    others[6]  # frees 1
+    others[7]  # frees 2
+    assert (len(programs), len(others), budget.freed) == (2, 2, 4)
+    with budget.compiling():  # a compile outside any holder (evaluation's) frees 4
+        pass
+    assert (len(programs), len(others), budget.freed) == (1, 2, 5)
+    programs[5]
+    assert traced == [1, 2, 3, 4, 5, 2, 6, 7]  # 5 was still held
 
 
 def test_a_compile_that_cannot_fit_is_a_clear_error_and_leaves_the_programs_usable():
