@@ -16,6 +16,10 @@ them, so a hit skips tracing, lowering and compiling: the executable is read and
 loaded. It only keeps programs XLA compiled in this process: an executable that JAX's
 cache loaded is not serialised again, since XLA:CPU then writes it without its machine
 code (loading that file later fails with "Function ... not found").
+
+Compiled programs hold memory maps, which Linux caps per process; the programs are kept
+within :func:`sdpoint_jax.xla_cpu.memory_maps.process_budget`, least recently used
+freed first (see :class:`InstancePrograms`).
 """
 
 from __future__ import annotations

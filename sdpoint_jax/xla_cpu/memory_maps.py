@@ -14,9 +14,16 @@ of 69 instances; a ResNet-18 CIFAR program adds about 600 (``benchmarks/README.m
 is expected to add (the most any compile has added so far, times
 :data:`ESTIMATE_MARGIN`, at least :data:`FIRST_PROGRAM_MAPS`), and how far over the cap
 that would go with :data:`RESERVE` maps kept for everything else (thread stacks,
-buffers, libraries). :class:`sdpoint_jax.training.programs.InstancePrograms` frees its
-least recently used programs until the next compile fits, and raises
-:class:`MemoryMapLimitError` where nothing is left to free.
+buffers, libraries). Every compile of a program that the process keeps runs inside
+:meth:`MapBudget.compiling`: first the least recently used programs of the registered
+holders (:class:`sdpoint_jax.training.programs.InstancePrograms`, over all of them)
+are freed until it fits, and where nothing is left to free it raises
+:class:`MemoryMapLimitError`. Freed programs compile again when next used. Evaluation
+(:func:`sdpoint_jax.evaluation.evaluate.evaluate_instances`) compiles its programs
+inside the budget too, so train-step programs make room for them.
+
+Measured (``benchmarks/README.md``): filling a process's maps to the cap and then
+compiling reproduces the crash; a freed program gives its maps back.
 """
 
 from __future__ import annotations
