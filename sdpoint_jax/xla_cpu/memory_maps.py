@@ -157,7 +157,7 @@ class MapBudget:
                     "freeing the least recently used compiled programs to stay under this "
                     f"process's memory-map cap ({self.limit:,}, vm.max_map_count); they "
                     "compile again when next used. Raise the cap to keep them all.",
-                    stacklevel=2,
+                    stacklevel=4,  # the compile site, past contextlib
                 )
             min(held)[2].free_oldest()
             self.freed += 1
