@@ -151,7 +151,7 @@ class MapBudget:
             held = [(h.oldest_use(), id(h), h) for h in self._holders]
             held = [entry for entry in held if entry[0] is not None]
             if not held:
-                raise self.limit_error(compiles)
+                raise self._limit_error(compiles)
             if not self.freed:
                 warnings.warn(
                     "freeing the least recently used compiled programs to stay under this "
@@ -163,7 +163,7 @@ class MapBudget:
             self.freed += 1
             gc.collect()  # an executable's maps go with its last reference
 
-    def limit_error(self, compiles: int = 1) -> MemoryMapLimitError:
+    def _limit_error(self, compiles: int = 1) -> MemoryMapLimitError:
         """The error for a compile that does not fit and has nothing left to free."""
         return MemoryMapLimitError(
             f"this process holds {self.count():,} memory maps of the {self.limit:,} that "
