@@ -1,17 +1,20 @@
 """Inference latency of SDPoint instances, and whether it follows their FLOPs.
 
-For every instance and batch size the eval forward pass (``train=False``) is compiled
-ahead of time, run ``warmup`` times, then timed ``repeats`` times, each run ended by
-``block_until_ready``. Variables are zeros (:mod:`sdpoint_jax.bench.values`): latency
+For every batch size, set of inference compiler options
+(:data:`sdpoint_jax.xla_cpu.compiler_options.INFERENCE_OPTION_SETS`; ``--compiler-options``,
+default ``single-convolution``) and instance, the eval forward pass (``train=False``) is
+compiled ahead of time, run ``warmup`` times, then timed ``repeats`` times, each run ended
+by ``block_until_ready``. Variables are zeros (:mod:`sdpoint_jax.bench.values`): latency
 does not depend on their values. Rows are written to ``latency.json`` (the latency
 table that ``sdpoint_jax.main select --budget-ms`` reads) and plotted against GFLOPs
-to ``latency_vs_flops.png``; the console shows a table and, per batch size, how well
-latency is ordered like FLOPs (Spearman rank correlation, and the pairs of instances
+to ``latency_vs_flops.png``; the console shows a table and, per batch size and option
+set, how well latency is ordered like FLOPs (Spearman rank correlation, and the pairs of instances
 where the one with fewer FLOPs is more than 5% slower).
 
 Row fields: ``model``, ``dataset``, ``dtype``, ``device_kind``, ``platform``,
 ``jax_version``, ``cpu_model``, ``host_memory``, ``host_memory_source``, ``instance``
-(e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``,
+(e.g. ``"3:0.5"``), ``point``, ``ratio``, ``batch``, ``compiler_options`` (the name of
+the option set; the server compiles each program with the fastest set its table has),
 ``gflops`` (analytic, per image), ``xla_gflops`` (XLA's cost analysis of the compiled
 program, per batch; ``null`` where the backend has none), ``compile_s`` (lower and
 compile, seconds), ``repeats``, ``warmup``, ``median_ms``, ``p10_ms``, ``p90_ms`` (per
@@ -37,11 +40,17 @@ from tqdm.auto import tqdm
 
 from sdpoint_jax.bench import options, report
 from sdpoint_jax.bench.values import zeros_like
+from sdpoint_jax.cli import UsageError
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
 from sdpoint_jax.training.run_dir import RunDir
-from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
+from sdpoint_jax.xla_cpu.compiler_options import (
+    DEFAULT_INFERENCE_OPTION_SET,
+    INFERENCE_OPTION_SETS,
+    check_inference_option_set,
+    inference_compiler_options,
+)
 
 Row = dict[str, Any]
 
@@ -51,6 +60,7 @@ SLOWER_TOLERANCE = 0.05
 COLUMNS = (
     report.Column("instance", "instance"),
     report.Column("batch", "batch"),
+    report.Column("options", "compiler_options"),
     report.Column("GFLOPs/img", "gflops", ".4f"),
     report.Column("XLA GFLOPs/batch", "xla_gflops", ".3f"),
     report.Column("compile s", "compile_s", ".2f"),
@@ -70,6 +80,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_integer("repeats", 20, "timed runs per program", lower_bound=1, **define)
     flags.DEFINE_integer("warmup", 3, "untimed runs first", lower_bound=0, **define)
+    flags.DEFINE_list(
+        "compiler-options",
+        [DEFAULT_INFERENCE_OPTION_SET],
+        f"inference compiler option sets to time, of {sorted(INFERENCE_OPTION_SETS)}",
+        **define,
+    )
 
 
 def _xla_gflops(compiled: jax.stages.Compiled) -> float | None:
@@ -89,11 +105,13 @@ def measure(
     *,
     repeats: int,
     warmup: int,
+    option_set: str = DEFAULT_INFERENCE_OPTION_SET,
 ) -> Row:
-    """Compile time, XLA FLOPs and latency percentiles of one instance on ``images``."""
+    """Compile time, XLA FLOPs and latency percentiles of one instance on ``images``,
+    compiled with the inference compiler options named ``option_set``."""
     forward = jax.jit(
         functools.partial(model.apply, instance=instance, train=False),
-        compiler_options=inference_compiler_options(),
+        compiler_options=inference_compiler_options(option_set=option_set),
     )
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
@@ -125,19 +143,30 @@ def benchmark(
     *,
     repeats: int,
     warmup: int,
+    option_sets: Sequence[str] = (DEFAULT_INFERENCE_OPTION_SET,),
 ) -> list[Row]:
-    """One row per batch size and instance (batch-major, instances in the given order)."""
+    """One row per batch size, option set and instance (in that order of nesting,
+    each in the given order)."""
     gflops = {inst: count_flops(model, inst, target.input_hw) / 1e9 for inst in instances}
     variables = jax.device_put(zeros_like(abstract_variables(model, target.input_hw)))
     common = {**target.fields(), **report.environment()}
     rng = np.random.default_rng(0)
     rows = []
-    with tqdm(total=len(batches) * len(instances), desc="latency", unit="program") as bar:
+    programs = list(itertools.product(batches, option_sets, instances))
+    with tqdm(total=len(programs), desc="latency", unit="program") as bar:
         for batch in batches:
             images = jax.device_put(rng.standard_normal((batch, *target.input_hw, 3), np.float32))
-            for inst in instances:
-                bar.set_postfix(batch=batch, instance=str(inst))
-                timing = measure(model, variables, images, inst, repeats=repeats, warmup=warmup)
+            for option_set, inst in itertools.product(option_sets, instances):
+                bar.set_postfix(batch=batch, options=option_set, instance=str(inst))
+                timing = measure(
+                    model,
+                    variables,
+                    images,
+                    inst,
+                    repeats=repeats,
+                    warmup=warmup,
+                    option_set=option_set,
+                )
                 seconds = timing["median_ms"] / 1e3
                 rows.append(
                     {
@@ -146,6 +175,7 @@ def benchmark(
                         "point": inst.point,
                         "ratio": inst.ratio,
                         "batch": batch,
+                        "compiler_options": option_set,
                         "gflops": gflops[inst],
                         **timing,
                         "images_per_s": batch / seconds,
@@ -190,21 +220,22 @@ def out_of_order(rows: Sequence[Row], tolerance: float = SLOWER_TOLERANCE) -> li
     return pairs
 
 
-def by_batch(rows: Sequence[Row]) -> dict[int, list[Row]]:
-    """Rows grouped by batch size, in order of first appearance."""
-    groups: dict[int, list[Row]] = {}
+def by_series(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Rows grouped by batch size and option set (``"batch 32, xla-default"``), in order
+    of first appearance."""
+    groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault(row["batch"], []).append(row)
+        groups.setdefault(f"batch {row['batch']}, {row['compiler_options']}", []).append(row)
     return groups
 
 
 def format_order(rows: Sequence[Row]) -> str:
-    """Per batch size: how well median latency is ordered like FLOPs."""
+    """Per batch size and option set: how well median latency is ordered like FLOPs."""
     lines = []
-    for batch, same in by_batch(rows).items():
+    for series, same in by_series(rows).items():
         rho = spearman([r["gflops"] for r in same], [r["median_ms"] for r in same])
         rho_text = "n/a (needs two instances of different cost)" if rho is None else f"{rho:.3f}"
-        lines.append(f"batch {batch}: Spearman rank correlation of latency with FLOPs {rho_text}")
+        lines.append(f"{series}: Spearman rank correlation of latency with FLOPs {rho_text}")
         pairs = out_of_order(same)
         lines.append(
             f"  {len(pairs)} pair(s) where fewer FLOPs run > {SLOWER_TOLERANCE:.0%} slower"
@@ -220,11 +251,12 @@ def format_order(rows: Sequence[Row]) -> str:
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
-    """Median latency (ms, log scale) against GFLOPs per image, one series per batch."""
+    """Median latency (ms, log scale) against GFLOPs per image, one series per batch size
+    and option set."""
     figure = Figure(figsize=(6.4, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for batch, group in by_batch(rows).items():
+    for series, group in by_series(rows).items():
         same = sorted(group, key=lambda row: row["gflops"])
         axes.plot(
             [row["gflops"] for row in same],
@@ -232,7 +264,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
             marker="o",
             markersize=4,
             linewidth=1,
-            label=f"batch {batch}",
+            label=series,
         )
     axes.set_yscale("log")
     axes.set_xlabel("GFLOPs per image")
@@ -250,6 +282,16 @@ def run(flag_values: flags.FlagValues) -> list[Row]:
     target, model = options.target_from_flags(flag_values)
     instances = options.instances(flag_values, model)
     batches = options.batch_sizes(flag_values, DEFAULT_BATCH_SIZES)
+    option_sets = flag_values["compiler-options"].value
+    if not option_sets:
+        raise UsageError(
+            f"--compiler-options names no option set; choose from {sorted(INFERENCE_OPTION_SETS)}"
+        )
+    try:
+        for name in option_sets:
+            check_inference_option_set(name)
+    except ValueError as err:
+        raise UsageError(f"--compiler-options: {err}") from None
     rows = benchmark(
         target,
         model,
@@ -257,6 +299,7 @@ def run(flag_values: flags.FlagValues) -> list[Row]:
         batches,
         repeats=flag_values.repeats,
         warmup=flag_values.warmup,
+        option_sets=option_sets,
     )
     out = Path(flag_values.out)
     json_path = report.write_json(RunDir(out).latency_json, rows)

@@ -52,6 +52,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "latency.json (bench latency) to read latencies from; else measured",
         **define,
     )
+    flags.DEFINE_string(
+        "compiler-options",
+        None,
+        "inference compiler options (xla-default or single-convolution; default "
+        "xla-default) of the programs --latency does not list; listed ones use the fastest "
+        "set their rows timed",
+        **define,
+    )
     flags.DEFINE_string("instance", None, "serve only this instance (e.g. 'full')", **define)
     flags.DEFINE_integer(
         "max-body-mb", None, "largest request body, MiB (default: max-batch JSON images)", **define
@@ -65,13 +73,19 @@ def serve(flag_values: flags.FlagValues) -> None:
     from sdpoint_jax.deploy.loader import load_exported
     from sdpoint_jax.serve.app import create_app
     from sdpoint_jax.serve.controller import buckets
-    from sdpoint_jax.serve.engine import Engine
+    from sdpoint_jax.serve.engine import ENGINE_OPTION_SET, Engine
+    from sdpoint_jax.xla_cpu.compiler_options import check_inference_option_set
 
     max_batch = flag_values["max-batch"].value
     try:
         buckets(max_batch)
     except ValueError as err:
         raise cli.UsageError(f"--max-batch: {err}") from None
+    option_set = flag_values["compiler-options"].value or ENGINE_OPTION_SET
+    try:
+        check_inference_option_set(option_set)
+    except ValueError as err:
+        raise cli.UsageError(f"--compiler-options: {err}") from None
     exported = load_exported(Path(flag_values.export))
     pinned = flag_values.instance
     if pinned is not None and pinned not in exported.instances:
@@ -82,11 +96,12 @@ def serve(flag_values: flags.FlagValues) -> None:
     print(
         f"compiling {len(exported.instances)} instance(s) for batches up to {max_batch}", flush=True
     )
-    engine = Engine(exported, max_batch, latency_file=flag_values.latency)
-    for (name, bucket), ms in engine.latency_ms.items():
+    engine = Engine(exported, max_batch, latency_file=flag_values.latency, option_set=option_set)
+    for key, ms in engine.latency_ms.items():
+        name, bucket = key
         print(
             f"latency {name:>8} batch {bucket:>4}: {ms:8.3f} ms "
-            f"({engine.latency_source[name, bucket]})"
+            f"({engine.latency_source[key]}, {engine.compiler_options[key]})"
         )
     image_values = max_batch * math.prod(engine.input_shape)
     max_body = flag_values["max-body-mb"].value

@@ -2,12 +2,23 @@
 compiler_options=...)``), per backend: only XLA:CPU gets any; GPU and TPU programs
 compile with XLA's defaults.
 
-* Inference programs (:func:`inference_compiler_options`): XLA:CPU's YNNPACK library
-  fusions, when allowed to absorb element-wise ops, fuse a whole pre-activation block
-  (convs, batch norm, ReLU, the final pooling) into one fusion that runs slower than
-  the separate ops at small batches: WRN-16-4 batch-1 inference is faster with
-  convolutions only, outputs identical (``benchmarks/README.md``, "Batch-1
-  inference"). Training steps showed no gain, so only inference programs use it.
+* Inference programs (:func:`inference_compiler_options`), in one of two named sets
+  (:data:`INFERENCE_OPTION_SETS`):
+
+  - ``"single-convolution"``, the default: YNNPACK library fusions limited to single
+    convolutions. Allowed to absorb element-wise ops, XLA:CPU fuses a whole
+    pre-activation block (convs, batch norm, ReLU, the final pooling) into one fusion
+    that runs slower than the separate ops at small batches: WRN-16-4 batch-1
+    inference is faster with convolutions only, outputs identical
+    (``benchmarks/README.md``, "Batch-1 inference"). Latency also follows FLOPs
+    across instances, since no instance loses a fusion the full network has.
+  - ``"xla-default"``: XLA's defaults. At larger batches the big fusions win: WRN-16-1
+    at batch 64 ran the full network in 50 ms against 78 ms. The SDPoint pooling splits
+    such a fusion, so instances gain less than their FLOPs say.
+
+  The server (:mod:`sdpoint_jax.serve.engine`) compiles each (instance, batch) with
+  the set its latency table measured fastest. Training steps showed no gain, so only
+  inference programs use these sets.
 * Training programs (:func:`train_compiler_options`), an option: most of a CPU train
   step's compile time is LLVM optimising the element-wise fusion kernels (``perf`` of
   one WRN-28-10 gradient program: LLVM's JIT layer 43% of the process's samples, XLA's
@@ -31,16 +42,36 @@ import jax
 
 XLA_DEFAULT_OPTIMIZATION_LEVEL = 3
 
-_CPU_INFERENCE_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+INFERENCE_OPTION_SETS: dict[str, dict[str, str]] = {
+    "single-convolution": {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    },
+    "xla-default": {},
 }
+"""XLA:CPU options of inference programs, by name (module docstring)."""
+DEFAULT_INFERENCE_OPTION_SET = "single-convolution"
 _LEVEL_FLAG = re.compile(r"--xla_backend_optimization_level=(-?\d+)")
 
 
-def inference_compiler_options(backend: str | None = None) -> dict[str, str]:
+def check_inference_option_set(name: str) -> str:
+    """``name`` if it names one of :data:`INFERENCE_OPTION_SETS`, else a ``ValueError``
+    naming the choices."""
+    if name not in INFERENCE_OPTION_SETS:
+        raise ValueError(
+            f"unknown inference compiler options {name!r}; choose from "
+            f"{sorted(INFERENCE_OPTION_SETS)}"
+        )
+    return name
+
+
+def inference_compiler_options(
+    backend: str | None = None, option_set: str = DEFAULT_INFERENCE_OPTION_SET
+) -> dict[str, str]:
     """Options of inference programs on ``backend`` (default: JAX's default backend):
-    library fusions limited to individual convolutions on CPU; none elsewhere."""
-    return dict(_CPU_INFERENCE_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+    on CPU those of ``option_set`` (default: library fusions limited to individual
+    convolutions); none elsewhere."""
+    options = INFERENCE_OPTION_SETS[check_inference_option_set(option_set)]
+    return dict(options) if (backend or jax.default_backend()) == "cpu" else {}
 
 
 def flags_optimization_level() -> int:

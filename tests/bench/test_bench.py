@@ -46,13 +46,14 @@ def _check_types(row: dict, types: dict) -> None:
 
 
 def test_latency_rows_plot_and_select(tmp_path, tiny_model):
-    argv = ["latency", *TINY, "--batch", "1,2", "--repeats", "2", "--warmup", "1"]
+    option_sets = ("xla-default", "single-convolution")
+    argv = ["latency", *TINY, "--batch", "2", "--repeats", "2", "--warmup", "1"]
+    argv += ["--compiler-options", ",".join(option_sets)]
     rows = main([*argv, "--out", str(tmp_path)])
     assert json.loads((tmp_path / "latency.json").read_text()) == rows
     assert (tmp_path / "latency_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    expected = {(str(inst), batch) for inst in tiny_model.space for batch in (1, 2)}
-    assert {(row["instance"], row["batch"]) for row in rows} == expected
-    assert len(rows) == len(expected)
+    expected = [(2, s, str(inst)) for s in option_sets for inst in tiny_model.space]
+    assert [(row["batch"], row["compiler_options"], row["instance"]) for row in rows] == expected
     for row in rows:
         _check_types(row, ENVIRONMENT)
         _check_types(row, {"point": int, "ratio": float, "batch": int, "repeats": int})
@@ -74,7 +75,8 @@ def test_latency_rows_plot_and_select(tmp_path, tiny_model):
         for row in rows
     ]
     chosen = select_instance(evaluated, budget_ms=1e6, latency_rows=rows, batch=2)
-    assert chosen["instance"] == "full"
+    assert chosen["instance"] == "full"  # at the faster of its option sets
+    assert chosen["median_ms"] == min(r["median_ms"] for r in rows if r["instance"] == "full")
 
 
 def test_train_runs_and_flops_fractions(tmp_path, tiny_model, capsys):
@@ -206,6 +208,11 @@ def test_latency_order_checks():
         (["latency", *TINY, "--instances", "2-0.5"], "cannot parse instance '2-0.5'"),
         (["latency", *TINY, "--batch", "1,0"], "every batch size must be >= 1, got 0"),
         (["latency", *TINY, "--batch", "1,x"], "got 'x'"),
+        (
+            ["latency", *TINY, "--compiler-options", "xla-default,fast"],
+            "--compiler-options: unknown inference compiler options 'fast'; choose from",
+        ),
+        (["latency", *TINY, "--compiler-options", ""], "--compiler-options names no option set"),
         (["latency", *TINY, "--repeats", "0"], "flag --repeats=0: 0 is not a positive integer"),
         (["latency", *TINY, "--warmup", "-1"], "flag --warmup=-1: -1 is not a non-negative"),
         (["latency", *TINY, "--dtype", "float16"], "flag --dtype=float16: value should be one of"),

@@ -231,6 +231,19 @@ def test_latency_budget_joins_on_instance_and_batch():
     assert (chosen["point"], chosen["ratio"], chosen["batch"]) == (0, 1.0, 1)
 
 
+def test_latency_budget_takes_the_fastest_compiler_options_of_an_instance():
+    named = [{**row, "compiler_options": "single-convolution"} for row in LATENCY]
+    faster = [
+        {**row, "compiler_options": "xla-default", "median_ms": row["median_ms"] - 2.0}
+        for row in LATENCY
+        if row["batch"] == 64
+    ]
+    chosen = select_instance(ROWS, budget_ms=34.0, latency_rows=named + faster, batch=64)
+    assert chosen["median_ms"] == 31.0 and (chosen["point"], chosen["ratio"]) == (2, 0.75)
+    with pytest.raises(ValueError, match=r"two latency rows .* compiler options 'xla-default'"):
+        select_instance(ROWS, budget_ms=34.0, latency_rows=faster + faster, batch=64)
+
+
 def test_budget_arguments_are_checked():
     with pytest.raises(ValueError, match="exactly one of budget_gflops and budget_ms"):
         select_instance(ROWS, budget_gflops=5.0, budget_ms=10.0, latency_rows=LATENCY)

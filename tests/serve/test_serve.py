@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,6 +38,8 @@ from sdpoint_jax.serve.controller import (
     choose,
     predicted_ms,
 )
+from sdpoint_jax.serve.engine import Engine
+from sdpoint_jax.xla_cpu.compiler_options import INFERENCE_OPTION_SETS
 from tests.conftest import random_variables
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +156,79 @@ def export_dir(tmp_path_factory) -> Path:
         errors=errors,
     )
     return out
+
+
+def test_engine_compiles_each_program_with_the_options_its_table_row_timed(export_dir, tmp_path):
+    exported = load_exported(export_dir)
+    device_kind = jax.devices()[0].device_kind
+
+    def row(instance, batch, p90_ms, options=None, model="wrn-10-1"):
+        named = {} if options is None else {"compiler_options": options}
+        return {"model": model, "device_kind": device_kind, "instance": instance}, {
+            "batch": batch,
+            "p90_ms": p90_ms,
+            **named,
+        }
+
+    table = [
+        {**a, **b}
+        for a, b in (
+            row("full", 1, 1.0, "single-convolution"),
+            row("full", 1, 2.0, "xla-default"),
+            row("full", 2, 3.0, "single-convolution"),
+            row("full", 2, 2.5, "xla-default"),
+            row("full", 4, 5.0, "xla-default"),
+            row("1:0.5", 1, 0.5),  # written before rows named their options
+            row("1:0.5", 2, 0.1, "xla-default", model="wrn-16-1"),  # another model's
+        )
+    ]
+    latency_file = tmp_path / "latency.json"
+    latency_file.write_text(json.dumps(table))
+    engine = Engine(exported, MAX_BATCH, latency_file=latency_file, repeats=1)
+
+    assert engine.compiler_options == {
+        ("full", 1): "single-convolution",
+        ("full", 2): "xla-default",
+        ("full", 4): "xla-default",
+        ("1:0.5", 1): "single-convolution",
+        ("1:0.5", 2): "xla-default",  # the engine's own set, where the table is silent
+        ("1:0.5", 4): "xla-default",
+    }
+    listed = {("full", 1): 1.0, ("full", 2): 2.5, ("full", 4): 5.0, ("1:0.5", 1): 0.5}
+    assert {key: engine.latency_ms[key] for key in listed} == listed
+    assert {key for key, source in engine.latency_source.items() if source == "table"} == set(
+        listed
+    )
+    assert all(engine.latency_ms[key] > 0 for key in engine.latency_ms)
+
+    # the options reach XLA: each program has the library fusions of its option set
+    def library_fusions(compiled) -> int:
+        return compiled.as_text().count("__ynn_fusion")
+
+    function = exported.function("full")
+    reference = {}
+    for options in INFERENCE_OPTION_SETS:
+        jitted = jax.jit(function.call, compiler_options=INFERENCE_OPTION_SETS[options])
+        spec = jax.ShapeDtypeStruct((2, HW, HW, 3), np.float32)
+        reference[options] = library_fusions(jitted.lower(spec).compile())
+    assert reference["single-convolution"] != reference["xla-default"]
+    assert library_fusions(engine._programs["full", 2]) == reference["xla-default"]
+    images = np.random.default_rng(1).uniform(0, 255, (3, HW, HW, 3)).astype(np.float32)
+    for name in ("full", "1:0.5"):
+        logits = exported.logits(images, name)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for bucket in (4,) if name == "full" else (4, 1):
+            served = np.concatenate(
+                [engine.run(name, images[i : i + bucket], bucket) for i in range(0, 3, bucket)]
+            )
+            np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"unknown inference compiler options 'fast'; choose"):
+        Engine(exported, MAX_BATCH, latency_file=latency_file, option_set="fast")
+    latency_file.write_text(json.dumps([{**table[0], "compiler_options": "fast"}]))
+    with pytest.raises(ValueError, match=r"latency\.json: unknown inference compiler options"):
+        Engine(exported, MAX_BATCH, latency_file=latency_file)
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ from sdpoint_jax.training.run import create_optimizer, initial_state
 from sdpoint_jax.training.steps import gradient_step, train_programs
 from sdpoint_jax.training.trainee import SDPointTrainee
 from sdpoint_jax.xla_cpu.compiler_options import (
+    INFERENCE_OPTION_SETS,
     XLA_DEFAULT_OPTIMIZATION_LEVEL,
     inference_compiler_options,
     train_compiler_options,
@@ -30,8 +31,13 @@ LEVEL = "xla_backend_optimization_level"
 
 def test_cpu_inference_options_change_no_output():
     assert inference_compiler_options("gpu") == {}
+    assert inference_compiler_options("gpu", "xla-default") == {}
+    assert inference_compiler_options("cpu", "xla-default") == {}
     options = inference_compiler_options("cpu")
     assert options, "CPU inference programs get their fusion options"
+    assert set(INFERENCE_OPTION_SETS) == {"single-convolution", "xla-default"}
+    with pytest.raises(ValueError, match=r"options 'fast'; choose from \['single-convolution'"):
+        inference_compiler_options("cpu", "fast")
     model = create("wrn-10-4")
     variables = init_variables(model, (32, 32), batch=2)
     images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
