@@ -212,6 +212,21 @@ def count_flops(
             f"start must be a point in 0..{depth} (the prefix instance {instance} computes "
             f"at full size), got {start!r}"
         )
+    return _traced_flops(model, instance, tuple(input_hw), conv_taps, low_mode, start)
+
+
+@functools.cache
+def _traced_flops(
+    model: SDPointModel,
+    instance: Instance,
+    input_hw: tuple[int, int],
+    conv_taps: str,
+    low_mode: LowMode | None,
+    start: int,
+) -> int:
+    """:func:`count_flops` of checked arguments, from one abstract pass (cached: a
+    model's costs never change, and evaluation, selection and reporting ask for them
+    many times)."""
     total = 0
     counting = start == 0
 
