@@ -14,7 +14,11 @@ measured twice, as it runs out of the box and in the same mode as ours
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 if __name__ == "__main__":  # malloc is chosen at start-up: restart before any work
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
     from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
     restart_with_host_memory(__file__)
@@ -26,9 +30,7 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
