@@ -28,7 +28,11 @@ from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 EVAL_EXAMPLES = 64
 # every method but the low-mode ones (they need config.low_mode: tests/compare/test_seeds.py)
-METHODS = tuple(name for name in BUILDERS if "low" not in name)
+# and the exit networks trained without Gradient Equilibrium (ee, msdnet): they differ
+# from ee-ge and msdnet-ge, which run here as IMTA's phase I, only in the model's ge
+# switch (tests/models/test_early_exit.py and test_msdnet.py test it both ways)
+WITHOUT_GE = ("ee", "msdnet")
+METHODS = tuple(name for name in BUILDERS if "low" not in name and name not in WITHOUT_GE)
 TINY_MSDNET = "msdnet-2-ch4-gr2"  # 2 exits, 3 layers, 3 scales
 pytestmark = [needs_cifar10, pytest.mark.first]
 
@@ -86,7 +90,7 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
     kinds = {(row["method"], row["kind"]) for row in rows}
     stochastic = {"sdpoint", "dropout", "stochastic-depth"}
     assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
-    exits = {"ee", "ee-ge", "ee-ge-isc-ofa", "ee-imta", "msdnet", "msdnet-ge", "msdnet-imta"}
+    exits = {"ee-ge", "ee-ge-isc-ofa", "ee-imta", "msdnet-ge", "msdnet-imta"}
     assert {m for m, kind in kinds if kind == "budgeted"} == exits
     for row in rows:
         if row["kind"] == "budgeted":  # average cost between the first and the last exit
@@ -97,6 +101,11 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
     assert len(sdpoint) == 2 * len(list(build_method("sdpoint", config).model.space))
     (baseline,) = [r for r in rows if r["method"] == "baseline" and r["kind"] == "setting"]
     assert baseline["setting"] == str(Instance.full())
+    for name in WITHOUT_GE:  # the trained twin's network and settings, GE off
+        method, twin = build_method(name, config), build_method(f"{name}-ge", config)
+        assert not method.model.ge and twin.model.ge
+        assert method.model.clone(ge=True) == twin.model
+        assert method.eval_settings() == twin.eval_settings()
 
 
 def test_rerun_skips_finished_methods(comparison, tmp_path):
