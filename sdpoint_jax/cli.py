@@ -30,7 +30,12 @@ from typing import Any, NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdpoint_jax.errors import CheckpointError, DatasetUnavailableError, ProcessFailedError
+from sdpoint_jax.errors import (
+    CheckpointError,
+    DatasetUnavailableError,
+    MemoryMapLimitError,
+    ProcessFailedError,
+)
 from sdpoint_jax.startup import ERRORS_ONLY, define_verbosity_flag
 
 UsageError = app.UsageError
@@ -44,6 +49,7 @@ USER_ERROR_STATUS = 1
 USER_ERRORS = (
     CheckpointError,
     DatasetUnavailableError,
+    MemoryMapLimitError,
     ProcessFailedError,
     FileExistsError,
     FileNotFoundError,

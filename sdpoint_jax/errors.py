@@ -1,4 +1,5 @@
-"""The project's errors that mean bad input or a missing file, not a bug.
+"""The project's errors that mean bad input, a missing file or a machine setting, not a
+bug.
 
 A command line reports them (and ``FileExistsError``, ``FileNotFoundError`` and
 ``ValueError``) as one ``error: ...`` line without a stack trace
@@ -19,3 +20,8 @@ class DatasetUnavailableError(RuntimeError):
 
 class ProcessFailedError(RuntimeError):
     """A process of a local multi-process job failed; the others were stopped."""
+
+
+class MemoryMapLimitError(RuntimeError):
+    """Compiling another program would pass the process's memory-map cap
+    (:mod:`sdpoint_jax.xla_cpu.memory_maps`)."""

@@ -17,6 +17,11 @@ option set and measured: ``repeats`` rounds that each run every unlisted program
 and per program the 90th percentile of its runs. Interleaving the programs spreads a
 passing disturbance of the machine over all of them, rather than charging it to the
 one being timed.
+
+Every compile runs inside the process's memory-map budget
+(:mod:`sdpoint_jax.xla_cpu.memory_maps`): a server keeps all its programs, so where the
+next one would pass Linux's cap it stops with :class:`MemoryMapLimitError` naming the
+programs it needs, instead of dying inside XLA.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdpoint_jax.deploy.loader import ExportedModel
+from sdpoint_jax.errors import MemoryMapLimitError
 from sdpoint_jax.serve.controller import Level, buckets
 from sdpoint_jax.xla_cpu.compiler_options import (
     DEFAULT_INFERENCE_OPTION_SET,
     check_inference_option_set,
     inference_compiler_options,
 )
+from sdpoint_jax.xla_cpu.memory_maps import MapBudget, process_budget
 
 LATENCY_QUANTILE = 90
 """The percentile of one batch's latency the controller plans with."""
@@ -87,6 +94,7 @@ class Engine:
         (``None``: measure all).
       repeats: timed runs per program where a latency is measured.
       option_set: inference compiler options of the programs the table does not list.
+      map_budget: the memory-map budget to compile in (default: the process's).
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class Engine:
         latency_file: str | Path | None = None,
         repeats: int = 10,
         option_set: str = ENGINE_OPTION_SET,
+        map_budget: MapBudget | None = None,
     ) -> None:
         self.exported = exported
         self.max_batch = max_batch
@@ -118,7 +127,19 @@ class Engine:
             )
         keys = [(name, bucket) for name in exported.instances for bucket in self.buckets]
         self.compiler_options = {key: known[key][1] if key in known else option_set for key in keys}
-        self._programs = {key: self._compile(*key, self.compiler_options[key]) for key in keys}
+        budget = process_budget() if map_budget is None else map_budget
+        try:
+            self._programs = {}
+            for key in keys:
+                with budget.compiling():
+                    self._programs[key] = self._compile(*key, self.compiler_options[key])
+        except MemoryMapLimitError as err:
+            raise MemoryMapLimitError(
+                f"compiled {len(self._programs)} of the {len(keys)} programs this server "
+                f"needs ({len(exported.instances)} instance(s) x {len(self.buckets)} batch "
+                f"sizes), and the next does not fit: {err} Or serve fewer instances or a "
+                "smaller --max-batch."
+            ) from None
         self._inputs = {key: np.zeros((key[1], *self.input_shape), np.float32) for key in keys}
         for key in keys:  # the first run of each, before any request
             self._programs[key](self._inputs[key]).block_until_ready()

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from sdpoint_jax.errors import MemoryMapLimitError
+
 MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 PROCESS_MAPS = Path("/proc/self/maps")
 RESERVE = 2048
@@ -48,10 +50,6 @@ FIRST_PROGRAM_MAPS = 1500
 PreResNet-101 ImageNet, added up to 1,150)."""
 ESTIMATE_MARGIN = 1.25
 """The next compile is expected to add up to this many times the most seen so far."""
-
-
-class MemoryMapLimitError(RuntimeError):
-    """Compiling another program would pass the process's memory-map cap."""
 
 
 def process_map_count() -> int:

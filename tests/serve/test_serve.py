@@ -26,6 +26,7 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.data.specs import SPECS
 from sdpoint_jax.deploy.artifacts import write_export
 from sdpoint_jax.deploy.loader import load_exported
+from sdpoint_jax.errors import MemoryMapLimitError
 from sdpoint_jax.models import create
 from sdpoint_jax.serve import loadtest
 from sdpoint_jax.serve.controller import (
@@ -40,6 +41,7 @@ from sdpoint_jax.serve.controller import (
 )
 from sdpoint_jax.serve.engine import Engine
 from sdpoint_jax.xla_cpu.compiler_options import INFERENCE_OPTION_SETS
+from sdpoint_jax.xla_cpu.memory_maps import FIRST_PROGRAM_MAPS, RESERVE, MapBudget
 from tests.conftest import random_variables
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,6 +231,17 @@ def test_engine_compiles_each_program_with_the_options_its_table_row_timed(expor
     latency_file.write_text(json.dumps([{**table[0], "compiler_options": "fast"}]))
     with pytest.raises(ValueError, match=r"latency\.json: unknown inference compiler options"):
         Engine(exported, MAX_BATCH, latency_file=latency_file)
+
+
+def test_engine_stops_with_a_clear_error_where_its_programs_pass_the_map_cap(export_dir):
+    # a process 1 map short of room for one more program (and the maps kept free)
+    full = MapBudget(limit=100_000, count=lambda: 100_000 - RESERVE - FIRST_PROGRAM_MAPS + 1)
+    with pytest.raises(
+        MemoryMapLimitError,
+        match=r"compiled 0 of the 6 programs this server needs \(2 instance\(s\) x 3 batch "
+        r"sizes\).*vm\.max_map_count=262144.*Or serve fewer instances or a smaller --max-batch",
+    ):
+        Engine(load_exported(export_dir), MAX_BATCH, map_budget=full)
 
 
 def free_port() -> int:
