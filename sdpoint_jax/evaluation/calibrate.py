@@ -29,6 +29,7 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.core.norm import own_statistics
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.training import parallel
+from sdpoint_jax.xla_cpu.memory_maps import FirstCalls
 
 Stats = dict[tuple[str, ...], jax.Array]
 """Flattened ``batch_stats`` leaves: ``(*layer path, key, "mean" | "var") -> (C,)``."""
@@ -108,6 +109,10 @@ def calibrate(
       mean / unbiased variance of that layer's input. All other statistics (other
       instances, ``"uniform"``) and the parameters are the input's, bit for bit.
 
+    Each instance's program compiles within the process's memory-map budget
+    (:mod:`sdpoint_jax.xla_cpu.memory_maps`): train-step programs held in the process
+    are freed first where it is short.
+
     Raises:
       ValueError: a model in ``"uniform"`` mode, an instance outside the model's space,
         or no batches.
@@ -118,13 +123,15 @@ def calibrate(
     params = params if mesh is None else parallel.replicate(params, mesh)
     sums: dict[Instance, Stats] = {}
     count = 0
+    first_calls = FirstCalls()  # each instance's first call compiles: within the map budget
     for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
         images = {"image": batch["image"]}
         if mesh is not None:
             parallel.check_batch_size(len(batch["image"]) * jax.process_count(), mesh)
             images = parallel.shard_batch(images, mesh)
         for instance in instances:
-            stats = moments(params, images["image"], instance)
+            with first_calls((instance, batch["image"].shape)):
+                stats = moments(params, images["image"], instance)
             previous = sums.get(instance)
             sums[instance] = stats if previous is None else jax.tree.map(jnp.add, previous, stats)
         count += 1

@@ -13,7 +13,6 @@ digits; JSON files keep full precision.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,7 @@ from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.training.run_dir import RunDir, Source, write_rows_json
 from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
-from sdpoint_jax.xla_cpu.memory_maps import process_budget
+from sdpoint_jax.xla_cpu.memory_maps import FirstCalls
 
 RESULT_FIELDS = (
     "point",
@@ -152,8 +151,7 @@ def evaluate_instances(
     count_fns = {mode: _counts_fn(mode_model) for mode, mode_model in models.items()}
     placed = variables if mesh is None else parallel.replicate(variables, mesh)
     totals: dict[tuple[str, Instance], jax.Array] = {}
-    budget = process_budget()
-    compiled: set[tuple[str, Instance, tuple[int, ...]]] = set()
+    first_calls = FirstCalls()
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         _check_batch(batch, input_hw)
         if mesh is not None:
@@ -162,12 +160,8 @@ def evaluate_instances(
         placed_batch = fields if mesh is None else parallel.shard_batch(fields, mesh)
         for mode, counts in count_fns.items():
             for instance in instances:
-                program = (mode, instance, batch["image"].shape)
-                # the first call compiles: within the memory-map budget
-                first = program not in compiled
-                with budget.compiling() if first else contextlib.nullcontext():
+                with first_calls((mode, instance, batch["image"].shape)):
                     hits = counts(placed, placed_batch, instance)
-                compiled.add(program)
                 key = (mode, instance)
                 totals[key] = hits if key not in totals else totals[key] + hits
 

@@ -19,8 +19,10 @@ buffers, libraries). Every compile of a program that the process keeps runs insi
 holders (:class:`sdpoint_jax.training.programs.InstancePrograms`, over all of them)
 are freed until it fits, and where nothing is left to free it raises
 :class:`MemoryMapLimitError`. Freed programs compile again when next used. Evaluation
-(:func:`sdpoint_jax.evaluation.evaluate.evaluate_instances`) compiles its programs
-inside the budget too, so train-step programs make room for them.
+and calibration (:func:`sdpoint_jax.evaluation.evaluate.evaluate_instances`,
+:func:`sdpoint_jax.evaluation.calibrate.calibrate`) make the first call of each
+program inside the budget too (:class:`FirstCalls`), so train-step programs make room
+for them, and the server compiles all of its programs inside it.
 
 Measured (``benchmarks/README.md``): filling a process's maps to the cap and then
 compiling reproduces the crash; a freed program gives its maps back.
@@ -35,7 +37,7 @@ import gc
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -177,3 +179,26 @@ class MapBudget:
 def process_budget() -> MapBudget:
     """The one budget of this process, shared by all its compiled programs."""
     return MapBudget(system_map_limit())
+
+
+class FirstCalls:
+    """Runs the first call of each key inside a budget: the call that compiles a jitted
+    function's program for that key (e.g. ``(instance, input shape)``); later calls run
+    as they are.
+
+    Use: ``with first_calls(key): outputs = jitted(..., instance=instance)``. A key is
+    counted as compiled only once its first call returned.
+    """
+
+    def __init__(self, budget: MapBudget | None = None) -> None:
+        self._budget = process_budget() if budget is None else budget
+        self._called: set[Hashable] = set()
+
+    @contextlib.contextmanager
+    def __call__(self, key: Hashable) -> Iterator[None]:
+        if key in self._called:
+            yield
+            return
+        with self._budget.compiling():
+            yield
+        self._called.add(key)

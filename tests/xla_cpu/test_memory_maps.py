@@ -132,3 +132,23 @@ def test_freeing_a_program_gives_its_maps_back():
         programs[2]
     assert (len(programs), programs.freed) == (2, 1)
     assert abs(memory_maps.process_map_count() - held) < one_program // 2
+
+
+def test_first_calls_of_each_key_run_inside_the_budget_and_later_ones_outside():
+    held = {"maps": 10_000}
+    budget = MapBudget(limit=20_000, count=lambda: held["maps"])
+    first_calls = memory_maps.FirstCalls(budget)
+    with first_calls(("a", (8, 8))):
+        held["maps"] += 700  # what the compile added
+    assert budget.expected_program_maps() == memory_maps.FIRST_PROGRAM_MAPS  # 1.25 x 700
+    # now one map short of room for another compile: a new key is refused, a known one runs
+    held["maps"] = 20_000 - memory_maps.RESERVE - memory_maps.FIRST_PROGRAM_MAPS + 1
+    with first_calls(("a", (8, 8))):
+        pass
+    with pytest.raises(MemoryMapLimitError, match=r"vm\.max_map_count"), first_calls(("b", (8, 8))):
+        pytest.fail("the call ran past the budget")
+    # a refused key was not counted as compiled: it asks the budget again
+    held["maps"] = 10_000
+    with first_calls(("b", (8, 8))):
+        held["maps"] += 2_000
+    assert budget.expected_program_maps() == 2_500
