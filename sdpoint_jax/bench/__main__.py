@@ -46,6 +46,7 @@ PROGRAM = cli.Program(
         "conv-lowering": ("latency", "train", "compile"),
         "instances": ("latency", "compile"),
         "repeats": ("latency",),
+        "compiler-options": ("latency",),
         "warmup": ("latency", "input"),
         "steps": ("train", "input"),
         "host-memory": ("train",),

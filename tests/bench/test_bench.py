@@ -226,6 +226,10 @@ def test_latency_order_checks():
             "flag --steps=-1: -1 is not a positive",
         ),
         (["train", *TINY, "--batch", "4", "--repeats", "2"], "--repeats applies to latency only"),
+        (
+            ["compile", *TINY, "--compiler-options", "xla-default"],
+            "--compiler-options applies to latency only, not to compile",
+        ),
         (["compile", *TINY, "--workers", "0"], "flag --workers=0: 0 is not a positive integer"),
         (["compile", *TINY, "--instances", "1:0.5,2:0.5"], "--instances 1:0.5,2:0.5: include full"),
         (["compile", *TINY, "--instances", "4:0.5"], "instance point 4 is out of range"),
