@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpoint_jax.training.run_dir import RunDir, read_results
-from sdpoint_jax.xla_cpu.compiler_options import DEFAULT_INFERENCE_OPTION_SET
+from sdpoint_jax.xla_cpu.compiler_options import timed_option_set
 
 Row = dict[str, Any]
 
@@ -62,7 +62,7 @@ def _with_latency(rows: Sequence[Row], latency_rows: Sequence[Row], batch: int |
         if int(row["batch"]) != batch:
             continue
         options = by_options.setdefault(_instance_id(row), {})
-        option_set = row.get("compiler_options", DEFAULT_INFERENCE_OPTION_SET)
+        option_set = timed_option_set(row)
         if option_set in options:
             raise ValueError(
                 f"two latency rows for instance {_instance_id(row)} at batch {batch} "

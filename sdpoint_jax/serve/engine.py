@@ -40,9 +40,9 @@ from sdpoint_jax.deploy.loader import ExportedModel
 from sdpoint_jax.errors import MemoryMapLimitError
 from sdpoint_jax.serve.controller import Level, buckets
 from sdpoint_jax.xla_cpu.compiler_options import (
-    DEFAULT_INFERENCE_OPTION_SET,
     check_inference_option_set,
     inference_compiler_options,
+    timed_option_set,
 )
 from sdpoint_jax.xla_cpu.memory_maps import MapBudget, process_budget
 
@@ -72,7 +72,7 @@ def table_latencies(
             and row["instance"] in names
         ):
             continue
-        option_set = row.get("compiler_options", DEFAULT_INFERENCE_OPTION_SET)
+        option_set = timed_option_set(row)
         try:
             check_inference_option_set(option_set)
         except ValueError as err:
@@ -140,11 +140,13 @@ class Engine:
                 f"sizes), and the next does not fit: {err} Or serve fewer instances or a "
                 "smaller --max-batch."
             ) from None
-        self._inputs = {key: np.zeros((key[1], *self.input_shape), np.float32) for key in keys}
-        for key in keys:  # the first run of each, before any request
-            self._programs[key](self._inputs[key]).block_until_ready()
+        zeros = {
+            bucket: np.zeros((bucket, *self.input_shape), np.float32) for bucket in self.buckets
+        }
+        for name, bucket in keys:  # the first run of each, before any request
+            self._programs[name, bucket](zeros[bucket]).block_until_ready()
         self.latency_source = {key: "table" if key in known else "measured" for key in keys}
-        measured = self._measure([key for key in keys if key not in known], repeats)
+        measured = self._measure([key for key in keys if key not in known], zeros, repeats)
         latencies = {**measured, **{key: ms for key, (ms, _) in known.items()}}
         self.latency_ms = {key: latencies[key] for key in keys}
 
@@ -159,15 +161,15 @@ class Engine:
         return jax.jit(probabilities, compiler_options=options).lower(spec).compile()
 
     def _measure(
-        self, keys: Sequence[tuple[str, int]], repeats: int
+        self, keys: Sequence[tuple[str, int]], inputs: dict[int, np.ndarray], repeats: int
     ) -> dict[tuple[str, int], float]:
-        """The 90th-percentile latency (ms) of each program of ``keys``, timed in
-        ``repeats`` interleaved rounds (module docstring)."""
+        """The 90th-percentile latency (ms) of each program of ``keys`` on ``inputs`` (one
+        batch per bucket), timed in ``repeats`` interleaved rounds (module docstring)."""
         times: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         for _ in range(repeats):
             for key in keys:
                 start = time.perf_counter()
-                self._programs[key](self._inputs[key]).block_until_ready()
+                self._programs[key](inputs[key[1]]).block_until_ready()
                 times[key].append(1e3 * (time.perf_counter() - start))
         return {key: float(np.percentile(times[key], LATENCY_QUANTILE)) for key in keys}
 

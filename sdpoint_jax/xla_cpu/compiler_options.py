@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -62,6 +64,13 @@ def check_inference_option_set(name: str) -> str:
             f"{sorted(INFERENCE_OPTION_SETS)}"
         )
     return name
+
+
+def timed_option_set(latency_row: Mapping[str, Any]) -> str:
+    """The inference option set a ``latency.json`` row of
+    :mod:`sdpoint_jax.bench.latency` was timed with: its ``compiler_options``; rows
+    written before tables named their set were timed with the default one."""
+    return latency_row.get("compiler_options", DEFAULT_INFERENCE_OPTION_SET)
 
 
 def inference_compiler_options(
