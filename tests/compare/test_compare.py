@@ -27,12 +27,19 @@ from sdpoint_jax.training.loop import train
 from tests.conftest import needs_cifar10, tiny_cifar10_config
 
 EVAL_EXAMPLES = 64
-# every method but the low-mode ones (they need config.low_mode: tests/compare/test_seeds.py)
-# and the exit networks trained without Gradient Equilibrium (ee, msdnet): they differ
-# from ee-ge and msdnet-ge, which run here as IMTA's phase I, only in the model's ge
-# switch (tests/models/test_early_exit.py and test_msdnet.py test it both ways)
-WITHOUT_GE = ("ee", "msdnet")
-METHODS = tuple(name for name in BUILDERS if "low" not in name and name not in WITHOUT_GE)
+# Every method but the low-mode ones (they need config.low_mode: tests/compare/test_seeds.py)
+# and those that differ from a method run here only in switches of the model or its loss,
+# which their own tests check both ways: the exit networks trained without Gradient
+# Equilibrium (tests/models/test_early_exit.py, test_msdnet.py), the early exits with
+# ISC and OFA from the start (test_early_exit.py; ee-imta runs them in its phase II) and
+# stochastic depth (tests/compare/test_regularised.py). Each maps to its twin here.
+TWINS = {
+    "ee": "ee-ge",
+    "msdnet": "msdnet-ge",
+    "ee-ge-isc-ofa": "ee-ge",
+    "stochastic-depth": "dropout",
+}
+METHODS = tuple(name for name in BUILDERS if "low" not in name and name not in TWINS)
 TINY_MSDNET = "msdnet-2-ch4-gr2"  # 2 exits, 3 layers, 3 scales
 pytestmark = [needs_cifar10, pytest.mark.first]
 
@@ -88,9 +95,9 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
         # every method trained for the same 4 steps, checkpointed at its end
         assert sorted(p.name for p in (workdir / name / "checkpoints").iterdir()) == ["4"]
     kinds = {(row["method"], row["kind"]) for row in rows}
-    stochastic = {"sdpoint", "dropout", "stochastic-depth"}
+    stochastic = {"sdpoint", "dropout"}
     assert {m for m, kind in kinds if kind == "stochastic"} == stochastic
-    exits = {"ee-ge", "ee-ge-isc-ofa", "ee-imta", "msdnet-ge", "msdnet-imta"}
+    exits = {"ee-ge", "ee-imta", "msdnet-ge", "msdnet-imta"}
     assert {m for m, kind in kinds if kind == "budgeted"} == exits
     for row in rows:
         if row["kind"] == "budgeted":  # average cost between the first and the last exit
@@ -101,11 +108,20 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
     assert len(sdpoint) == 2 * len(list(build_method("sdpoint", config).model.space))
     (baseline,) = [r for r in rows if r["method"] == "baseline" and r["kind"] == "setting"]
     assert baseline["setting"] == str(Instance.full())
-    for name in WITHOUT_GE:  # the trained twin's network and settings, GE off
-        method, twin = build_method(name, config), build_method(f"{name}-ge", config)
-        assert not method.model.ge and twin.model.ge
-        assert method.model.clone(ge=True) == twin.model
+    switches = {  # the model switches by which each method differs from its twin
+        "ee": {"ge": True},
+        "msdnet": {"ge": True},
+        "ee-ge-isc-ofa": {"isc": False},
+        "stochastic-depth": {"stochastic_depth": 0.0, "dropout_rate": config.compare.dropout_rate},
+    }
+    assert switches.keys() == TWINS.keys()
+    for name, twin_name in TWINS.items():  # the trained twin's network and settings
+        method, twin = build_method(name, config), build_method(twin_name, config)
+        assert method.model != twin.model
+        assert method.model.clone(**switches[name]) == twin.model
         assert method.eval_settings() == twin.eval_settings()
+    ee_all, ee_ge = build_method("ee-ge-isc-ofa", config), build_method("ee-ge", config)
+    assert ee_all.ofa and not ee_ge.ofa  # and the one-for-all loss
 
 
 def test_rerun_skips_finished_methods(comparison, tmp_path):
