@@ -51,6 +51,7 @@ from sdpoint_jax.xla_cpu.compiler_options import (
     check_inference_option_set,
     inference_compiler_options,
 )
+from sdpoint_jax.xla_cpu import memory_maps
 
 Row = dict[str, Any]
 
@@ -113,9 +114,10 @@ def measure(
         functools.partial(model.apply, instance=instance, train=False),
         compiler_options=inference_compiler_options(option_set=option_set),
     )
-    start = time.perf_counter()
-    compiled = forward.lower(variables, images).compile()
-    compile_s = time.perf_counter() - start
+    with memory_maps.process_budget().compiling():  # a program past vm.max_map_count: a clear error
+        start = time.perf_counter()
+        compiled = forward.lower(variables, images).compile()
+        compile_s = time.perf_counter() - start
     for _ in range(warmup):
         jax.block_until_ready(compiled(variables, images))
     seconds = []

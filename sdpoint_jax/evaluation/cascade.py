@@ -55,6 +55,7 @@ from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.training import parallel
 from sdpoint_jax.xla_cpu.compiler_options import inference_compiler_options
+from sdpoint_jax.xla_cpu.memory_maps import FirstCalls
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
@@ -206,15 +207,18 @@ def instance_probabilities(
         )
     probabilities = _probabilities_fn(model)
     placed = variables if mesh is None else parallel.replicate(variables, mesh)
+    first_calls = FirstCalls()  # each (instance, shape)'s first call compiles: in the budget
     probs, labels = [], []
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         images = batch["image"]
         if mesh is not None:
             images = parallel.shard_batch({"image": images}, mesh)["image"]
         real = np.asarray(batch["mask"]) > 0
-        probs.append(
-            np.stack([np.asarray(probabilities(placed, images, i))[real] for i in instances])
-        )
+        per_instance = []
+        for instance in instances:
+            with first_calls((instance, images.shape)):
+                per_instance.append(np.asarray(probabilities(placed, images, instance))[real])
+        probs.append(np.stack(per_instance))
         labels.append(np.asarray(batch["label"])[real])
     if not labels or not sum(len(part) for part in labels):
         raise ValueError("the batches hold no real examples (no batches, or every mask is 0)")
@@ -509,7 +513,9 @@ class Cascade:
     The samples left are gathered on the host and padded with zeros to
     :func:`bucket_size` (padding examples do not change the others' outputs: inference
     normalises with stored statistics). Each (stage, batch size) is one jitted
-    program, compiled on first use.
+    program, compiled on first use within the process's memory-map budget
+    (:class:`sdpoint_jax.xla_cpu.memory_maps.FirstCalls`: a program that would pass
+    ``vm.max_map_count`` raises :class:`~sdpoint_jax.errors.MemoryMapLimitError`).
 
     Args:
       model: the trained model.
@@ -544,6 +550,7 @@ class Cascade:
         self.plan = prefix_plan(self.stages, model.space, model.bn_mode, reuse=reuse_prefix)
         self.variables = jax.device_put(variables)
         self._staged = _staged_fn(model)
+        self._first_calls = FirstCalls()
 
     def __call__(self, images: np.ndarray | jax.Array) -> CascadeOutput:
         """Classifies ``images`` float32 ``(B, H, W, 3)``, ``B >= 1``."""
@@ -565,9 +572,10 @@ class Cascade:
             source = kept[run.start]
             inputs = np.zeros((size, *source.shape[1:]), source.dtype)
             inputs[: len(remaining)] = source[remaining]
-            out, captured = self._staged(
-                self.variables, inputs, instance, run.start, run.capture, images.shape[1:3]
-            )
+            with self._first_calls((index, inputs.shape, images.shape[1:3])):
+                out, captured = self._staged(
+                    self.variables, inputs, instance, run.start, run.capture, images.shape[1:3]
+                )
             if run.capture:
                 kept[run.capture] = np.zeros((batch, *captured.shape[1:]), captured.dtype)
                 kept[run.capture][remaining] = np.asarray(captured)[: len(remaining)]

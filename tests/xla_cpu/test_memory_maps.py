@@ -152,3 +152,47 @@ def test_first_calls_of_each_key_run_inside_the_budget_and_later_ones_outside():
     with first_calls(("b", (8, 8))):
         held["maps"] += 2_000
     assert budget.expected_program_maps() == 2_500
+
+
+def _full_budget() -> MapBudget:
+    """A process 1 map short of room for one more program (and the maps kept free)."""
+    limit = 100_000
+    return MapBudget(
+        limit=limit,
+        count=lambda: limit - memory_maps.RESERVE - memory_maps.FIRST_PROGRAM_MAPS + 1,
+    )
+
+
+def _compile_sites(model, variables) -> dict:
+    """Each place outside training, evaluation and the server that compiles an
+    inference program on first use: name -> a call that compiles one."""
+    from sdpoint_jax.analysis.scale import scale_sensitivity
+    from sdpoint_jax.bench.latency import measure
+    from sdpoint_jax.core.instance import Instance
+    from sdpoint_jax.evaluation.cascade import Cascade, instance_probabilities
+    from tests.conftest import make_batches
+
+    batches = [{**b, "mask": np.ones(5, np.int32)} for b in make_batches(7, count=1, size=5)]
+    instance = Instance(2, 0.5)
+    return {
+        "instance_probabilities": lambda: instance_probabilities(
+            model, variables, batches, [instance]
+        ),
+        "cascade": lambda: Cascade(model, variables, [instance], [1.0])(batches[0]["image"]),
+        "bench latency": lambda: measure(
+            model, variables, jnp.asarray(batches[0]["image"]), instance, repeats=1, warmup=0
+        ),
+        "scale_sensitivity": lambda: scale_sensitivity(
+            model, variables, batches, factors=(1.0, 0.75)
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "site", ["instance_probabilities", "cascade", "bench latency", "scale_sensitivity"]
+)
+def test_inference_programs_compile_inside_the_budget(site, tiny_wrn, monkeypatch):
+    model, variables = tiny_wrn
+    monkeypatch.setattr(memory_maps, "process_budget", _full_budget)
+    with pytest.raises(MemoryMapLimitError, match=r"vm\.max_map_count"):
+        _compile_sites(model, variables)[site]()
