@@ -45,13 +45,13 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import SDPointModel
 from sdpoint_jax.models.cost import abstract_variables, count_flops
 from sdpoint_jax.training.run_dir import RunDir
+from sdpoint_jax.xla_cpu import memory_maps
 from sdpoint_jax.xla_cpu.compiler_options import (
     DEFAULT_INFERENCE_OPTION_SET,
     INFERENCE_OPTION_SETS,
     check_inference_option_set,
     inference_compiler_options,
 )
-from sdpoint_jax.xla_cpu import memory_maps
 
 Row = dict[str, Any]
 
