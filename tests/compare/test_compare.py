@@ -32,12 +32,13 @@ EVAL_EXAMPLES = 64
 # which their own tests check both ways: the exit networks trained without Gradient
 # Equilibrium (tests/models/test_early_exit.py, test_msdnet.py), the early exits with
 # ISC and OFA from the start (test_early_exit.py; ee-imta runs them in its phase II) and
-# stochastic depth (tests/compare/test_regularised.py). Each maps to its twin here.
+# stochastic depth (tests/compare/test_regularised.py). Each maps to its twin here and
+# to the model fields by which the two networks differ.
 TWINS = {
-    "ee": "ee-ge",
-    "msdnet": "msdnet-ge",
-    "ee-ge-isc-ofa": "ee-ge",
-    "stochastic-depth": "dropout",
+    "ee": ("ee-ge", ("ge",)),
+    "msdnet": ("msdnet-ge", ("ge",)),
+    "ee-ge-isc-ofa": ("ee-ge", ("isc",)),
+    "stochastic-depth": ("dropout", ("stochastic_depth", "dropout_rate")),
 }
 METHODS = tuple(name for name in BUILDERS if "low" not in name and name not in TWINS)
 TINY_MSDNET = "msdnet-2-ch4-gr2"  # 2 exits, 3 layers, 3 scales
@@ -108,17 +109,10 @@ def test_compare_trains_evaluates_and_reports_every_method(comparison):
     assert len(sdpoint) == 2 * len(list(build_method("sdpoint", config).model.space))
     (baseline,) = [r for r in rows if r["method"] == "baseline" and r["kind"] == "setting"]
     assert baseline["setting"] == str(Instance.full())
-    switches = {  # the model switches by which each method differs from its twin
-        "ee": {"ge": True},
-        "msdnet": {"ge": True},
-        "ee-ge-isc-ofa": {"isc": False},
-        "stochastic-depth": {"stochastic_depth": 0.0, "dropout_rate": config.compare.dropout_rate},
-    }
-    assert switches.keys() == TWINS.keys()
-    for name, twin_name in TWINS.items():  # the trained twin's network and settings
+    for name, (twin_name, fields) in TWINS.items():  # the trained twin's network and settings
         method, twin = build_method(name, config), build_method(twin_name, config)
-        assert method.model != twin.model
-        assert method.model.clone(**switches[name]) == twin.model
+        assert all(getattr(method.model, f) != getattr(twin.model, f) for f in fields)
+        assert method.model.clone(**{f: getattr(twin.model, f) for f in fields}) == twin.model
         assert method.eval_settings() == twin.eval_settings()
     ee_all, ee_ge = build_method("ee-ge-isc-ofa", config), build_method("ee-ge", config)
     assert ee_all.ofa and not ee_ge.ofa  # and the one-for-all loss

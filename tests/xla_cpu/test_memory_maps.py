@@ -164,8 +164,9 @@ def _full_budget() -> MapBudget:
 
 
 def _compile_sites(model, variables) -> dict:
-    """Each place outside training, evaluation and the server that compiles an
-    inference program on first use: name -> a call that compiles one."""
+    """The places that compile an inference program on a first call, besides
+    evaluation, calibration and the server (tested with them): name -> a call that
+    compiles one."""
     from sdpoint_jax.analysis.scale import scale_sensitivity
     from sdpoint_jax.bench.latency import measure
     from sdpoint_jax.core.instance import Instance
