@@ -51,7 +51,7 @@ from jax import lax
 from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.models.cost import count_exit_flops, exit_costs
 from sdpoint_jax.models.early_exit import early_exit_wrn
-from sdpoint_jax.training.trainee import cross_entropy
+from sdpoint_jax.training.trainee import cross_entropy, fresh_variables
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_ALPHA = 0.1
@@ -140,8 +140,7 @@ class ExitMethod(Method):
         return self.model.num_exits
 
     def init_variables(self, key: jax.Array, image_size: int) -> Variables:
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        return dict(self.model.init(key, images, train=False))
+        return fresh_variables(self.model, key, image_size)
 
     def train_setting(self, seed: int, step: int) -> None:
         return None

@@ -36,7 +36,7 @@ from sdpoint_jax.compare.method import Method, Variables
 from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
-from sdpoint_jax.training.trainee import cross_entropy
+from sdpoint_jax.training.trainee import cross_entropy, fresh_variables
 
 _FULL = Instance.full()
 
@@ -109,8 +109,7 @@ class MultiscaleMethod(Method):
     def init_variables(self, key: jax.Array, image_size: int) -> Variables:
         """Parameters (independent of the input size: global average pooling) and one
         fresh ``batch_stats`` tree per training size."""
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        variables = self.model.init(key, images, instance=_FULL, train=False)
+        variables = fresh_variables(self.model, key, image_size, instance=_FULL)
         stats = variables["batch_stats"]
         # distinct buffers per size, so the trees can be donated to a jitted step
         return {

@@ -26,7 +26,7 @@ from sdpoint_jax.core.instance import Instance
 from sdpoint_jax.models import create
 from sdpoint_jax.models.cost import count_flops
 from sdpoint_jax.models.wrn import WideResNet
-from sdpoint_jax.training.trainee import cross_entropy
+from sdpoint_jax.training.trainee import cross_entropy, fresh_variables
 
 _FULL = Instance.full()
 DETERMINISTIC = "deterministic"
@@ -82,8 +82,7 @@ class RegularisedMethod(Method):
         self._stochastic_probs = jax.jit(self._mean_probabilities, static_argnames="passes")
 
     def init_variables(self, key: jax.Array, image_size: int) -> Variables:
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        return dict(self.model.init(key, images, instance=_FULL, train=False))
+        return fresh_variables(self.model, key, image_size, instance=_FULL)
 
     def train_setting(self, seed: int, step: int) -> str:
         """Always ``"deterministic"``: the per-step randomness is the ``key`` of
