@@ -61,6 +61,7 @@ def tiny_config(methods: tuple[str, ...]):
             "compare.stochastic_passes": 3,
             "compare.msdnet": TINY_MSDNET,
             "compare.methods": methods,
+            "compile.conv_lowering": "xla",  # compiles faster than matmul_grad
         },
     )
 
