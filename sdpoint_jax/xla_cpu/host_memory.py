@@ -19,13 +19,16 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
 ``tcmalloc``
     ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
     package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
-    it, so most steps fault and zero no pages: a full step takes no system time, back
-    to back, after another program or after a pause alike. tcmalloc still hands free
-    memory back to the kernel now and then (gperftools' ``TCMALLOC_RELEASE_RATE``,
-    default 1), so some steps fault theirs in again. ``TCMALLOC_RELEASE_RATE=0`` (set
-    it yourself; it is passed on) never hands memory back: fewer faults and less
-    system time for a higher peak resident memory, and step times within noise, so
-    the default rate is kept.
+    it, so steps fault and zero no pages: a full step takes no system time, back
+    to back, after another program or after a pause alike. With gperftools' own
+    default (``TCMALLOC_RELEASE_RATE=1``) tcmalloc still hands free memory back to the
+    kernel now and then, so some steps fault theirs in again: on an AMD EPYC (AVX2)
+    the SDPoint mix, which switches programs every step, ran at 1.22x its FLOPs
+    expectation. This mode sets ``TCMALLOC_RELEASE_RATE=0`` (never hand memory back),
+    which ran it at 0.98x there, for about 1.6x the peak resident memory; on an Intel
+    Xeon with AVX-512 the two rates were within that machine's noise
+    (``benchmarks/README.md``, "tcmalloc against huge pages, and tcmalloc's release
+    rate"). Set the variable yourself to choose another rate; a user's value is kept.
 ``huge-pages``
     glibc's tunable ``glibc.malloc.hugetlb=1``: ``malloc`` asks for transparent huge
     pages (``madvise(MADV_HUGEPAGE)``), so the same memory is faulted in 2 MiB at a
@@ -101,9 +104,14 @@ SOURCES = ("environment", "recorded", "preference")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 """Library names searched for tcmalloc, in order (``ctypes.util.find_library``)."""
-TCMALLOC_SETTINGS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**50)}
-"""Set unless the user set them: without this, tcmalloc prints a stack line to stderr
-for each allocation over 1 GiB (a WRN-28-10 step makes several)."""
+TCMALLOC_SETTINGS = {
+    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**50),
+    "TCMALLOC_RELEASE_RATE": "0",
+}
+"""Set unless the user set them. The threshold: without it, tcmalloc prints a stack line
+to stderr for each allocation over 1 GiB (a WRN-28-10 step makes several). The release
+rate: never hand freed memory back to the kernel, so that no step faults its
+temporaries in again (module docstring)."""
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -313,9 +321,13 @@ def active_mode(environ: Mapping[str, str] = os.environ) -> str:
 def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` without what :func:`environment_for` and :func:`restart_with_host_memory`
     add (tcmalloc's preload and settings, the huge-pages tunable, :data:`SOURCE_VARIABLE`),
-    for a child process measured as it runs out of the box."""
-    dropped = {*TCMALLOC_SETTINGS, SOURCE_VARIABLE}
-    environ = {key: value for key, value in environ.items() if key not in dropped}
+    for a child process measured as it runs out of the box. A tcmalloc setting of the
+    user's own (a value other than :data:`TCMALLOC_SETTINGS`') is kept."""
+    environ = {
+        key: value
+        for key, value in environ.items()
+        if key != SOURCE_VARIABLE and TCMALLOC_SETTINGS.get(key) != value
+    }
     preloads = [entry for entry in _preloads(environ) if "tcmalloc" not in entry]
     tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     tunables = [t for t in tunables if t != HUGE_PAGES_TUNABLE]
