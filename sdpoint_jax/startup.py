@@ -7,7 +7,9 @@ level is read once, from ``TF_CPP_MIN_LOG_LEVEL``, when the first of them loads,
 is set here, from the program's ``--verbosity`` (:func:`define_verbosity_flag`, the
 flag :mod:`sdpoint_jax.cli` also parses to set the Python library logs' level): errors
 only unless ``--verbosity`` asks for more. A ``TF_CPP_MIN_LOG_LEVEL`` set by the user is
-kept. Only log levels are set; nothing that changes what is computed.
+kept. Only log levels are set; nothing that changes what is computed. TensorFlow
+writes some notes while it loads regardless of the level; the command lines drop
+those below it (:mod:`sdpoint_jax.absl_log_filter`).
 
 JAX sets ``TF_CPP_MIN_LOG_LEVEL`` itself (to 1, where unset) when imported, and
 ``python -m sdpoint_jax.X`` imports the package, hence JAX, before the program's code
@@ -23,6 +25,8 @@ import sys
 from collections.abc import Sequence
 
 from absl import flags
+
+from sdpoint_jax.absl_log_filter import filter_tensorflow_import
 
 TF_LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 USER_TF_LOG_LEVEL = os.environ.get(TF_LOG_LEVEL_VARIABLE)
@@ -66,11 +70,16 @@ def tensorflow_log_level(verbosity: int | None) -> str:
 
 def start_program(program_file: str, *, host_memory: bool) -> None:
     """Sets the C++ log level from ``sys.argv`` (unless the user set
-    ``TF_CPP_MIN_LOG_LEVEL``), then, where ``host_memory``, restarts the program in its
-    host memory mode (:func:`sdpoint_jax.xla_cpu.host_memory.restart_with_host_memory`).
+    ``TF_CPP_MIN_LOG_LEVEL``) and holds TensorFlow's start-up notes to it
+    (:func:`sdpoint_jax.absl_log_filter.filter_tensorflow_import`), then, where
+    ``host_memory``, restarts the program in its host memory mode
+    (:func:`sdpoint_jax.xla_cpu.host_memory.restart_with_host_memory`).
     Call it first in a program's ``__main__`` block with the program's ``__file__``."""
     if USER_TF_LOG_LEVEL is None:
         os.environ[TF_LOG_LEVEL_VARIABLE] = tensorflow_log_level(requested_verbosity(sys.argv))
+    level = os.environ[TF_LOG_LEVEL_VARIABLE].strip()
+    if level.isdigit():
+        filter_tensorflow_import(int(level))
     if host_memory:
         from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory
 
