@@ -43,6 +43,24 @@ def test_tensorflow_log_level_follows_absl_verbosity():
     ]
 
 
+def run_program(
+    code: str, args: list[str], environ: dict[str, str], first_on_path: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Runs ``python -c code *args`` with the package importable (after ``first_on_path``),
+    ``TF_CPP_MIN_LOG_LEVEL`` unset and ``environ`` added."""
+    env = {key: value for key, value in os.environ.items() if key != TF_LOG_LEVEL_VARIABLE}
+    path = [str(first_on_path)] if first_on_path else []
+    env.update(environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
 PROBE = (
     "import os, sys; sys.argv = ['prog', *sys.argv[1:]]; import sdpoint_jax, jax; "
     "from sdpoint_jax.startup import start_program; "
@@ -55,19 +73,8 @@ PROBE = (
     [(None, [], "2"), (None, ["-v", "0"], "0"), (None, ["--verbosity=-1"], "1"), ("1", [], "1")],
 )
 def test_start_program_sets_the_level_jax_would_default(user_level, args, level):
-    env = {key: value for key, value in os.environ.items() if key != TF_LOG_LEVEL_VARIABLE}
-    if user_level is not None:
-        env[TF_LOG_LEVEL_VARIABLE] = user_level
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert result.stdout.split() == [level]
+    user = {} if user_level is None else {TF_LOG_LEVEL_VARIABLE: user_level}
+    assert run_program(PROBE, args, user).stdout.split() == [level]
 
 
 NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -121,16 +128,7 @@ def test_tensorflow_start_up_notes_below_the_level_are_dropped(tmp_path, args, s
     package = tmp_path / "tensorflow"
     package.mkdir()
     (package / "__init__.py").write_text(NOISY_PACKAGE)
-    env = {key: value for key, value in os.environ.items() if key != TF_LOG_LEVEL_VARIABLE}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORTING_PROGRAM, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = run_program(IMPORTING_PROGRAM, args, {}, first_on_path=tmp_path)
     lines = [line for line in result.stderr.splitlines() if not line.startswith("  warnings")]
     assert len(lines) == len(shown), result.stderr
     for line, start in zip(lines, shown, strict=True):
