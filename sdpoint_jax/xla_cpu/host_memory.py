@@ -46,8 +46,8 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
     and a user's own ``glibc.malloc.hugetlb`` setting is kept.
 
 Which mode is fastest depends on the machine: on one AMD EPYC with AVX-512, tcmalloc
-made the SDPoint mix slower against its FLOPs than huge pages did. So ``auto`` can be
-chosen from measurement::
+made the SDPoint mix slower against its FLOPs than huge pages did, and on an Intel Xeon
+with AVX-512 it was no faster. So ``auto`` can be chosen from measurement::
 
     python -m sdpoint_jax.bench train --model wrn-16-4 --batch 128 --steps 24 \\
         --host-memory=all --rounds 3 --record
