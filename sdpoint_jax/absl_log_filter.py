@@ -33,7 +33,8 @@ from types import ModuleType
 ABSL_PRE_INIT_NOTICE = (
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 )
-"""absl's note, at warning level, that it writes to standard error before it is set up."""
+"""absl's note that it writes to standard error before it is set up (a ``WARNING``
+line, dropped wherever info lines are: :func:`below_level`)."""
 ABSL_LOG_LINE = re.compile(r"^([IWEF])\d{4} ")
 """An absl log line: severity letter (info, warning, error, fatal), then ``MMDD``."""
 SEVERITY_LEVELS = {"I": 0, "W": 1, "E": 2, "F": 3}

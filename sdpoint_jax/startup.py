@@ -26,8 +26,6 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from sdpoint_jax.absl_log_filter import filter_tensorflow_import
-
 TF_LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 USER_TF_LOG_LEVEL = os.environ.get(TF_LOG_LEVEL_VARIABLE)
 """``TF_CPP_MIN_LOG_LEVEL`` as the user set it (``None``: unset), read on first import."""
@@ -79,6 +77,8 @@ def start_program(program_file: str, *, host_memory: bool) -> None:
         os.environ[TF_LOG_LEVEL_VARIABLE] = tensorflow_log_level(requested_verbosity(sys.argv))
     level = os.environ[TF_LOG_LEVEL_VARIABLE].strip()
     if level.isdigit():
+        from sdpoint_jax.absl_log_filter import filter_tensorflow_import
+
         filter_tensorflow_import(int(level))
     if host_memory:
         from sdpoint_jax.xla_cpu.host_memory import restart_with_host_memory

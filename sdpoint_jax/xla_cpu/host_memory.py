@@ -19,7 +19,7 @@ host memory mode (:data:`MODE_VARIABLE`, one of :data:`MODES`):
 ``tcmalloc``
     ``LD_PRELOAD`` of gperftools' tcmalloc (``libtcmalloc_minimal``; Debian/Ubuntu
     package ``libtcmalloc-minimal4``). It keeps freed memory in the process and reuses
-    it, so steps fault and zero no pages: a full step takes no system time, back
+    it, so most steps fault and zero no pages: a full step takes no system time, back
     to back, after another program or after a pause alike. With gperftools' own
     default (``TCMALLOC_RELEASE_RATE=1``) tcmalloc still hands free memory back to the
     kernel now and then, so some steps fault theirs in again: on an AMD EPYC (AVX2)
@@ -110,8 +110,8 @@ TCMALLOC_SETTINGS = {
 }
 """Set unless the user set them. The threshold: without it, tcmalloc prints a stack line
 to stderr for each allocation over 1 GiB (a WRN-28-10 step makes several). The release
-rate: never hand freed memory back to the kernel, so that no step faults its
-temporaries in again (module docstring)."""
+rate: never hand freed memory back to the kernel, so that steps do not fault in again
+temporaries that tcmalloc would otherwise have released (module docstring)."""
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
